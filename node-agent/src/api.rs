@@ -1,0 +1,134 @@
+//! The agent control API (gRPC on a unix socket) and its client.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::agent::{AgentError, Node};
+use crate::engine::Volume;
+
+pub mod pb {
+    tonic::include_proto!("peersan.agent.v1");
+}
+
+use pb::agent_server::{Agent, AgentServer};
+
+/// The one place where agent errors become gRPC status codes.
+fn status(e: AgentError) -> Status {
+    match &e {
+        AgentError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        AgentError::NotFound(_) => Status::not_found(e.to_string()),
+        AgentError::Conflict { .. } => Status::already_exists(e.to_string()),
+        AgentError::Peer { .. } => Status::unavailable(e.to_string()),
+        AgentError::Replica(_) | AgentError::Io { .. } => Status::internal(e.to_string()),
+    }
+}
+
+pub fn volume_pb(node: &Node, v: &Volume) -> pb::Volume {
+    let progress = v.resync_progress();
+    let nbd_uri = format!("nbd+unix:///{}?socket={}", v.name(), node.config.listen.nbd_unix.display());
+    pb::Volume {
+        name: v.name().to_owned(),
+        size_bytes: v.spec().size,
+        health: v.health().to_owned(),
+        nbd_uri,
+        replicas: v
+            .report()
+            .into_iter()
+            .map(|r| {
+                let resyncing = r.local && r.state == crate::engine::ReplicaState::CatchingUp;
+                pb::Replica {
+                    node: r.node,
+                    local: r.local,
+                    state: r.state.as_str().to_owned(),
+                    detail: r.detail,
+                    generation: r.generation,
+                    resync_done_bytes: if resyncing { progress.done_bytes } else { 0 },
+                    resync_total_bytes: if resyncing { progress.total_bytes } else { 0 },
+                    path: r.path,
+                }
+            })
+            .collect(),
+    }
+}
+
+pub struct AgentService {
+    node: Arc<Node>,
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        tracing::info!(volume = %r.name, size = r.size_bytes, replicas = ?r.replicas, "CreateVolume");
+        let v = self.node.create_local(&r.name, r.size_bytes, &r.replicas).map_err(status)?;
+        crate::peer::control::create_on_peers(&self.node, &v).await.map_err(status)?;
+        Ok(Response::new(volume_pb(&self.node, &v)))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        tracing::info!(volume = %r.name, "DeleteVolume");
+        let v = self.node.get(&r.name).ok_or_else(|| status(AgentError::NotFound(r.name.clone())))?;
+        self.node.delete_local(&r.name).map_err(status)?;
+        crate::peer::control::delete_on_peers(&self.node, &v).await.map_err(status)?;
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn list_volumes(
+        &self,
+        _: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let volumes = self.node.volumes().iter().map(|v| volume_pb(&self.node, v)).collect();
+        Ok(Response::new(pb::ListVolumesResponse { volumes }))
+    }
+
+    async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        let name = req.into_inner().name;
+        let v = self.node.get(&name).ok_or_else(|| status(AgentError::NotFound(name)))?;
+        Ok(Response::new(volume_pb(&self.node, &v)))
+    }
+
+    async fn get_node(&self, _: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
+        let c = &self.node.config;
+        Ok(Response::new(pb::Node {
+            name: c.node.name.clone(),
+            peer_address: c.listen.peer.to_string(),
+            nbd_unix_socket: c.listen.nbd_unix.display().to_string(),
+            nbd_tcp_address: c.listen.nbd_tcp.map(|a| a.to_string()).unwrap_or_default(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }))
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    node: Arc<Node>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(AgentServer::new(AgentService { node }))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Connects to an agent's API socket.
+pub async fn connect(
+    path: &Path,
+) -> Result<pb::agent_client::AgentClient<tonic::transport::Channel>, tonic::transport::Error> {
+    let path = path.to_owned();
+    let channel = tonic::transport::Endpoint::from_static("http://agent.invalid")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await?;
+    Ok(pb::agent_client::AgentClient::new(channel))
+}

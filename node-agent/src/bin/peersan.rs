@@ -1,0 +1,248 @@
+//! `peersan`: the command-line client of the node agent API, and the demo.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use peersan_node_agent::api::{self, pb};
+use peersan_node_agent::config::ByteSize;
+use peersan_node_agent::localcluster::{LocalCluster, VolumeDef, read_replica_data, sibling_binary};
+
+#[derive(Parser, Debug)]
+#[command(name = "peersan", version, about = "peersan: mirrored volumes from local disks")]
+struct Cli {
+    /// The node agent's API socket.
+    #[arg(long, global = true, env = "PEERSAN_API_SOCKET", default_value = "/run/peersan/api.sock")]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Manage volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Show the node the agent runs as.
+    Node,
+    /// Run three agents on this machine and show mirroring, failover and resync.
+    Demo {
+        /// Keep the demo's directory (configs, logs, replicas) afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VolumeCmd {
+    /// List the volumes of the node with the state of every replica.
+    List,
+    /// Show one volume.
+    Show { name: String },
+    /// Create a volume with a replica on each of the given nodes.
+    Create {
+        name: String,
+        /// Size, e.g. 1GiB.
+        #[arg(long, value_parser = ByteSize::parse)]
+        size: ByteSize,
+        /// Comma-separated node names (this node included).
+        #[arg(long, value_delimiter = ',', required = true)]
+        replicas: Vec<String>,
+    },
+    /// Delete a volume and its replicas.
+    Delete { name: String },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Demo { keep } => demo(keep),
+        cmd => tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(client(&cli.socket, cmd)),
+    }
+}
+
+async fn client(socket: &Path, cmd: Cmd) -> anyhow::Result<()> {
+    let mut c = api::connect(socket).await.with_context(|| {
+        format!("cannot reach the node agent at {} (set --socket or PEERSAN_API_SOCKET)", socket.display())
+    })?;
+    let status = |s: tonic::Status| anyhow::anyhow!("{}", s.message());
+    match cmd {
+        Cmd::Node => {
+            let n = c.get_node(pb::GetNodeRequest {}).await.map_err(status)?.into_inner();
+            println!("node {}  version {}\npeer {}\nnbd  {}", n.name, n.version, n.peer_address, n.nbd_unix_socket);
+        }
+        Cmd::Volume(VolumeCmd::List) => {
+            let vols = c.list_volumes(pb::ListVolumesRequest {}).await.map_err(status)?.into_inner().volumes;
+            print!("{}", volume_table(&vols));
+        }
+        Cmd::Volume(VolumeCmd::Show { name }) => {
+            let v = c.get_volume(pb::GetVolumeRequest { name }).await.map_err(status)?.into_inner();
+            print!("{}", volume_table(std::slice::from_ref(&v)));
+            println!("NBD: {}", v.nbd_uri);
+        }
+        Cmd::Volume(VolumeCmd::Create { name, size, replicas }) => {
+            let v = c
+                .create_volume(pb::CreateVolumeRequest { name, size_bytes: size.0, replicas })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print!("{}", volume_table(std::slice::from_ref(&v)));
+        }
+        Cmd::Volume(VolumeCmd::Delete { name }) => {
+            c.delete_volume(pb::DeleteVolumeRequest { name: name.clone() }).await.map_err(status)?;
+            println!("volume {name} deleted");
+        }
+        Cmd::Demo { .. } => unreachable!("handled in main"),
+    }
+    Ok(())
+}
+
+fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
+}
+
+/// One row per replica: volume, size, health, node, state, resync progress, detail.
+fn volume_table(vols: &[pb::Volume]) -> String {
+    let mut rows = vec![["VOLUME", "SIZE", "HEALTH", "NODE", "REPLICA", "RESYNC", "DETAIL"].map(String::from).to_vec()];
+    for v in vols {
+        for (k, r) in v.replicas.iter().enumerate() {
+            let first = k == 0;
+            let resync = if r.resync_total_bytes > 0 {
+                format!(
+                    "{:.0}% of {}",
+                    100.0 * r.resync_done_bytes as f64 / r.resync_total_bytes as f64,
+                    human(r.resync_total_bytes)
+                )
+            } else {
+                "-".into()
+            };
+            rows.push(vec![
+                if first { v.name.clone() } else { String::new() },
+                if first { human(v.size_bytes) } else { String::new() },
+                if first { v.health.clone() } else { String::new() },
+                format!("{}{}", r.node, if r.local { " (local)" } else { "" }),
+                r.state.clone(),
+                resync,
+                r.detail.clone(),
+            ]);
+        }
+    }
+    let widths: Vec<usize> =
+        (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect();
+        out += line.join("  ").trim_end();
+        out.push('\n');
+    }
+    out
+}
+
+// ---- demo ------------------------------------------------------------------------------
+
+fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn qemu_io(uri: &str, ops: &[String]) -> anyhow::Result<String> {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]).arg(uri);
+    for op in ops {
+        cmd.arg("-c").arg(op);
+    }
+    let out = run(&mut cmd)?;
+    if out.contains("Pattern verification failed") || out.contains("failed") {
+        bail!("qemu-io reported a failure: {out}");
+    }
+    Ok(out)
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn step(t0: Instant, msg: &str) {
+    println!("[{:5.1}s] {msg}", t0.elapsed().as_secs_f64());
+}
+
+fn demo(keep: bool) -> anyhow::Result<()> {
+    if Command::new("qemu-io").arg("--version").output().is_err() {
+        bail!("the demo writes through NBD with qemu-io; install it first (Debian: apt-get install qemu-utils)");
+    }
+    let t0 = Instant::now();
+    let agent = sibling_binary("peersan-node-agent")?;
+    let dir = std::env::temp_dir().join(format!("peersan-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    const MIB: u64 = 1 << 20;
+    let vol = "demo";
+    let mut cluster = LocalCluster::new(&dir, &agent, 3, vec![VolumeDef::new(vol, 64 * MIB, vec![0, 1, 2])])?;
+    step(t0, &format!("starting 3 node agents in {}", dir.display()));
+    cluster.start_all()?;
+    let v = cluster.wait_healthy(0, vol, Duration::from_secs(20)).map_err(anyhow::Error::msg)?;
+    step(t0, "3-way volume `demo` (64 MiB) is in sync on every node:");
+    print!("{}", volume_table(&[v]));
+
+    let uri1 = cluster.members[0].nbd_uri(vol);
+    let uri2 = cluster.members[1].nbd_uri(vol);
+    step(t0, &format!("writing 16 MiB through NBD on node-1 with qemu-io ({uri1})"));
+    let ops: Vec<String> = (0..16).map(|i| format!("write -P {} {}M 1M", 0x10 + i, i)).collect();
+    qemu_io(&uri1, &ops)?;
+    qemu_io(&uri1, &["flush".into()])?;
+
+    step(t0, "kill -9 node-3");
+    cluster.kill(2);
+    step(t0, "writing 8 MiB more through node-2 while node-3 is down");
+    let ops: Vec<String> = (0..8).map(|i| format!("write -P {} {}M 1M", 0xa0 + i, 24 + i)).collect();
+    qemu_io(&uri2, &ops)?;
+    qemu_io(&uri2, &["flush".into()])?;
+    let v =
+        cluster.wait_for(1, vol, Duration::from_secs(15), |v| v.health == "degraded").map_err(anyhow::Error::msg)?;
+    print!("{}", volume_table(&[v]));
+    step(t0, "reading everything back through node-1 and checking every byte");
+    let mut checks: Vec<String> = (0..16).map(|i| format!("read -P {} {}M 1M", 0x10 + i, i)).collect();
+    checks.extend((0..8).map(|i| format!("read -P {} {}M 1M", 0xa0 + i, 24 + i)));
+    qemu_io(&uri1, &checks)?;
+
+    step(t0, "restarting node-3; it resynchronises from an in-sync peer");
+    cluster.start(2)?;
+    let v = cluster.wait_healthy(2, vol, Duration::from_secs(30)).map_err(anyhow::Error::msg)?;
+    step(t0, "node-3 is back in sync:");
+    print!("{}", volume_table(&[v]));
+    qemu_io(&cluster.members[2].nbd_uri(vol), &checks)?;
+    step(t0, "node-3 serves the same data");
+
+    for i in 0..3 {
+        cluster.stop(i);
+    }
+    step(t0, "stopped the agents; SHA-256 of each replica's data:");
+    let mut sums = Vec::new();
+    for m in &cluster.members {
+        let sum = sha256_hex(&read_replica_data(&m.replica_path(vol))?);
+        println!("  {}  {}  {}", m.name, sum, m.replica_path(vol).display());
+        sums.push(sum);
+    }
+    let identical = sums.windows(2).all(|w| w[0] == w[1]);
+    drop(cluster);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if !identical {
+        bail!("replicas differ");
+    }
+    step(t0, "all three replicas are identical");
+    Ok(())
+}

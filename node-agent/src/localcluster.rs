@@ -1,0 +1,302 @@
+//! A cluster of node agents on this machine, each a separate process with its own pool,
+//! talking TCP on 127.0.0.1. Used by the demo, the benchmark and the end-to-end tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::api::pb;
+
+/// A volume to declare in every member's configuration.
+#[derive(Debug, Clone)]
+pub struct VolumeDef {
+    pub name: String,
+    pub size: u64,
+    /// Indices of the member nodes that hold a replica.
+    pub nodes: Vec<usize>,
+    /// Raw block devices to use instead of pool files, per member index.
+    pub devices: Vec<(usize, PathBuf)>,
+}
+
+impl VolumeDef {
+    pub fn new(name: &str, size: u64, nodes: Vec<usize>) -> Self {
+        VolumeDef { name: name.into(), size, nodes, devices: vec![] }
+    }
+}
+
+#[derive(Debug)]
+pub struct Member {
+    pub name: String,
+    pub peer_port: u16,
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Member {
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("node.yaml")
+    }
+    pub fn api_socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.dir.join("nbd.sock")
+    }
+    pub fn pool(&self) -> PathBuf {
+        self.dir.join("pool")
+    }
+    pub fn replica_path(&self, volume: &str) -> PathBuf {
+        self.pool().join(format!("{volume}.replica"))
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+    /// `nbd+unix:///VOLUME?socket=...`
+    pub fn nbd_uri(&self, volume: &str) -> String {
+        format!("nbd+unix:///{volume}?socket={}", self.nbd_socket().display())
+    }
+}
+
+/// Reserves distinct free TCP ports on 127.0.0.1.
+pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect()
+}
+
+#[derive(Debug)]
+pub struct LocalCluster {
+    pub dir: PathBuf,
+    pub agent_bin: PathBuf,
+    pub members: Vec<Member>,
+    pub volumes: Vec<VolumeDef>,
+    pub secret_file: PathBuf,
+    pub peer_io_timeout: Duration,
+    pub log_filter: String,
+}
+
+impl LocalCluster {
+    /// Lays out `n` members (`node-1` ... `node-n`) under `dir` and writes their configs.
+    pub fn new(dir: &Path, agent_bin: &Path, n: usize, volumes: Vec<VolumeDef>) -> std::io::Result<LocalCluster> {
+        std::fs::create_dir_all(dir)?;
+        let secret_file = dir.join("peer-secret");
+        let secret: String = (0..32).map(|_| format!("{:02x}", rand::random::<u8>())).collect();
+        std::fs::write(&secret_file, secret)?;
+        let ports = free_ports(n)?;
+        let members = (0..n)
+            .map(|i| Member {
+                name: format!("node-{}", i + 1),
+                peer_port: ports[i],
+                dir: dir.join(format!("node-{}", i + 1)),
+                child: None,
+            })
+            .collect();
+        let c = LocalCluster {
+            dir: dir.to_owned(),
+            agent_bin: agent_bin.to_owned(),
+            members,
+            volumes,
+            secret_file,
+            peer_io_timeout: Duration::from_secs(3),
+            log_filter: "info".into(),
+        };
+        c.write_configs()?;
+        Ok(c)
+    }
+
+    pub fn write_configs(&self) -> std::io::Result<()> {
+        for (i, m) in self.members.iter().enumerate() {
+            std::fs::create_dir_all(&m.dir)?;
+            let mut y = String::new();
+            y += &format!("node:\n  name: {}\n", m.name);
+            y += &format!(
+                "listen:\n  peer: \"127.0.0.1:{}\"\n  api: {}\n  nbd_unix: {}\n",
+                m.peer_port,
+                m.api_socket().display(),
+                m.nbd_socket().display()
+            );
+            y += &format!("pool:\n  path: {}\n", m.pool().display());
+            y += &format!("secret_file: {}\n", self.secret_file.display());
+            y += &format!("timeouts:\n  peer_io: {}ms\n  connect: 1s\n", self.peer_io_timeout.as_millis());
+            y += "peers:\n";
+            for (j, p) in self.members.iter().enumerate() {
+                if j != i {
+                    y += &format!("  - name: {}\n    address: \"127.0.0.1:{}\"\n", p.name, p.peer_port);
+                }
+            }
+            let mine: Vec<&VolumeDef> = self.volumes.iter().filter(|v| v.nodes.contains(&i)).collect();
+            if mine.is_empty() {
+                y += "volumes: []\n";
+            } else {
+                y += "volumes:\n";
+                for v in mine {
+                    let reps: Vec<&str> = v.nodes.iter().map(|&k| self.members[k].name.as_str()).collect();
+                    y += &format!("  - name: {}\n    size: {}\n    replicas: [{}]\n", v.name, v.size, reps.join(", "));
+                    if let Some((_, dev)) = v.devices.iter().find(|(k, _)| *k == i) {
+                        y += &format!("    device: {}\n", dev.display());
+                    }
+                }
+            }
+            std::fs::write(m.config_path(), y)?;
+        }
+        Ok(())
+    }
+
+    /// Starts member `i` and waits until its API answers.
+    pub fn start(&mut self, i: usize) -> std::io::Result<()> {
+        let m = &mut self.members[i];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(m.log_path())?;
+        let child = Command::new(&self.agent_bin)
+            .arg("--config")
+            .arg(m.config_path())
+            .env("PEERSAN_LOG", &self.log_filter)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        m.child = Some(child);
+        self.wait_api(i, Duration::from_secs(30))
+    }
+
+    pub fn start_all(&mut self) -> std::io::Result<()> {
+        // Start every process first so that they find each other while settling.
+        for i in 0..self.members.len() {
+            let m = &mut self.members[i];
+            let log = std::fs::OpenOptions::new().create(true).append(true).open(m.log_path())?;
+            let child = Command::new(&self.agent_bin)
+                .arg("--config")
+                .arg(m.config_path())
+                .env("PEERSAN_LOG", &self.log_filter)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()?;
+            m.child = Some(child);
+        }
+        for i in 0..self.members.len() {
+            self.wait_api(i, Duration::from_secs(30))?;
+        }
+        Ok(())
+    }
+
+    fn wait_api(&mut self, i: usize, max: Duration) -> std::io::Result<()> {
+        let deadline = Instant::now() + max;
+        loop {
+            if let Some(Some(status)) = self.members[i].child.as_mut().map(|c| c.try_wait().ok().flatten()) {
+                return Err(std::io::Error::other(format!(
+                    "{} exited with {status} during start; log: {}",
+                    self.members[i].name,
+                    self.members[i].log_path().display()
+                )));
+            }
+            if self.api(i, |mut c| async move { c.get_node(pb::GetNodeRequest {}).await.map(|_| ()) }).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(format!("{} did not start within {max:?}", self.members[i].name)));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// kill -9 of member `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM to member `i` and wait for it to exit.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(|c| c.id())
+    }
+
+    /// Runs one API call against member `i` on a private runtime.
+    pub fn api<T, F, Fut>(&self, i: usize, f: F) -> Result<T, String>
+    where
+        F: FnOnce(pb::agent_client::AgentClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        let path = self.members[i].api_socket();
+        rt.block_on(async move {
+            let client = crate::api::connect(&path).await.map_err(|e| e.to_string())?;
+            f(client).await.map_err(|e| e.message().to_owned())
+        })
+    }
+
+    pub fn volume(&self, i: usize, name: &str) -> Result<pb::Volume, String> {
+        let name = name.to_owned();
+        self.api(i, |mut c| async move { c.get_volume(pb::GetVolumeRequest { name }).await.map(|r| r.into_inner()) })
+    }
+
+    /// Waits until member `i` reports every replica of `volume` in sync.
+    pub fn wait_healthy(&self, i: usize, volume: &str, max: Duration) -> Result<pb::Volume, String> {
+        self.wait_for(i, volume, max, |v| v.replicas.iter().all(|r| r.state == "in-sync"))
+    }
+
+    pub fn wait_for(
+        &self,
+        i: usize,
+        volume: &str,
+        max: Duration,
+        pred: impl Fn(&pb::Volume) -> bool,
+    ) -> Result<pb::Volume, String> {
+        let deadline = Instant::now() + max;
+        let mut last = Err("no answer".to_string());
+        while Instant::now() < deadline {
+            last = self.volume(i, volume);
+            if let Ok(v) = &last {
+                if pred(v) {
+                    return Ok(v.clone());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(format!("{} / {volume}: condition not reached within {max:?}; last state: {last:?}", self.members[i].name))
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Reads the data area of a replica file (without its metadata).
+pub fn read_replica_data(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut d = std::fs::read(path)?;
+    d.drain(..crate::replica::DATA_OFFSET as usize);
+    Ok(d)
+}
+
+/// Finds a sibling binary of the running executable (cargo puts all of a workspace's
+/// binaries in one directory).
+pub fn sibling_binary(name: &str) -> std::io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().ok_or_else(|| std::io::Error::other("executable has no directory"))?;
+    for cand in [dir.join(name), dir.join("..").join(name)] {
+        if cand.exists() {
+            return Ok(cand);
+        }
+    }
+    Err(std::io::Error::other(format!("{name} not found beside {}; build it with cargo build --bins", exe.display())))
+}

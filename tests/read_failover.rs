@@ -1,0 +1,133 @@
+//! Read failover: when the local replica is missing or returns I/O errors, reads through
+//! that node return the acknowledged data from a peer.
+
+mod common;
+use common::*;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+#[test]
+fn deleted_replica_reads_come_from_peer() {
+    if !have("qemu-io") || !have("qemu-img") {
+        return;
+    }
+    // A large sparse volume, so that the replacement replica's full resync is still running
+    // while the test reads.
+    let size = 256 * MIB;
+    let (dir, mut c) = cluster(2, "vol", size, &[0, 1]);
+    c.wait_healthy(0, "vol", Duration::from_secs(20)).unwrap();
+    let mut image = Image::new(size);
+    random_writes(&c.members[0].nbd_uri("vol"), &mut image, 60, 21, dir.path());
+    c.stop(0);
+    std::fs::remove_file(c.members[0].replica_path("vol")).unwrap();
+    c.start(0).unwrap();
+    // The replacement is empty: node-1 must not serve reads from it.
+    let v = c.volume(0, "vol").unwrap();
+    let local = v.replicas.iter().find(|r| r.local).unwrap();
+    assert_ne!(local.state, "in-sync", "an empty replacement replica claims to be in sync: {v:?}");
+    // Read back the written region (and a bit more) through node-1 while it resyncs.
+    let got = read_volume(&c.members[0].nbd_uri("vol"), dir.path());
+    assert_same("read through node-1 with its replica deleted", &got, &image.data);
+    c.wait_healthy(0, "vol", Duration::from_secs(120)).unwrap();
+    assert_replicas_equal(&mut c, "vol", &[0, 1], &image.data);
+}
+
+/// A disk that can be made to fail: nbdkit's memory plugin behind its `error` filter,
+/// exposed as a file through the kernel's FUSE by nbdfuse. While the trigger file exists
+/// every request returns EIO, which the kernel passes on to the agent's pread/pwrite.
+struct FailingDisk {
+    dir: PathBuf,
+    nbdkit: std::process::Child,
+    nbdfuse: std::process::Child,
+}
+
+impl FailingDisk {
+    fn new(dir: &std::path::Path, bytes: u64) -> FailingDisk {
+        let sock = dir.join("disk.sock");
+        let nbdkit = Command::new("nbdkit")
+            .args(["--foreground", "-U"])
+            .arg(&sock)
+            .args(["--filter=error", "memory", &bytes.to_string(), "error=EIO", "error-rate=100%"])
+            .arg(format!("error-file={}", dir.join("disk.fail").display()))
+            .spawn()
+            .unwrap();
+        wait_until(|| sock.exists());
+        let file = dir.join("disk");
+        std::fs::File::create(&file).unwrap();
+        let nbdfuse = Command::new("nbdfuse").arg(&file).arg("--unix").arg(&sock).spawn().unwrap();
+        wait_until(|| std::fs::metadata(&file).map(|m| m.len() == bytes).unwrap_or(false));
+        FailingDisk { dir: dir.to_owned(), nbdkit, nbdfuse }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("disk")
+    }
+
+    fn fail(&self) {
+        std::fs::write(self.dir.join("disk.fail"), b"").unwrap();
+        // Drop cached pages so that reads reach the failing disk.
+        std::fs::write("/proc/sys/vm/drop_caches", b"3").unwrap();
+    }
+}
+
+fn wait_until(cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "condition not reached in 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for FailingDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3").arg("-u").arg(self.path()).status();
+        let _ = self.nbdfuse.kill();
+        let _ = self.nbdfuse.wait();
+        let _ = self.nbdkit.kill();
+        let _ = self.nbdkit.wait();
+    }
+}
+
+#[test]
+fn replica_returning_eio_fails_over_to_peer() {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED: needs root (FUSE mount and dropping the page cache) to make a disk return EIO; CI runs as root"
+        );
+        return;
+    }
+    if !have("qemu-io") || !have("qemu-img") || !have("nbdkit") || !have("nbdfuse") {
+        return;
+    }
+    let size = 32 * MIB;
+    let dir = tempfile::Builder::new().prefix("peersan-e2e-").tempdir_in(test_tmp()).unwrap();
+    let dev = FailingDisk::new(dir.path(), size + 2 * MIB);
+    let mut vol = VolumeDef::new("vol", size, vec![0, 1]);
+    vol.devices.push((0, dev.path()));
+    let mut c = LocalCluster::new(dir.path(), &agent_bin(), 2, vec![vol]).unwrap();
+    c.peer_io_timeout = Duration::from_secs(5);
+    c.write_configs().unwrap();
+    c.start_all().unwrap();
+    c.wait_healthy(0, "vol", Duration::from_secs(20)).unwrap();
+    let mut image = Image::new(size);
+    random_writes(&c.members[0].nbd_uri("vol"), &mut image, 60, 31, dir.path());
+
+    dev.fail();
+    // Reads and writes through node-1 go on; its replica is reported failed.
+    let got = read_volume(&c.members[0].nbd_uri("vol"), dir.path());
+    assert_same("read through node-1 with a failing disk", &got, &image.data);
+    random_writes(&c.members[0].nbd_uri("vol"), &mut image, 30, 32, dir.path());
+    assert_same(
+        "read after writes with a failing disk",
+        &read_volume(&c.members[0].nbd_uri("vol"), dir.path()),
+        &image.data,
+    );
+    let v = c.volume(0, "vol").unwrap();
+    let local = v.replicas.iter().find(|r| r.local).unwrap();
+    assert_eq!(local.state, "failed", "{v:?}");
+    assert_eq!(v.health, "degraded", "{v:?}");
+    c.stop(0);
+    c.stop(1);
+    assert_same("replica on node-2", &read_replica_data(&c.members[1].replica_path("vol")).unwrap(), &image.data);
+}
