@@ -26,6 +26,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -175,7 +176,13 @@ pub struct Replica {
     size: u64,
     is_device: bool,
     meta: Mutex<(u64, ReplicaMeta)>,
+    /// Whether `RWF_NOWAIT` works for writes on this file (cleared at the first EOPNOTSUPP).
+    nowait_writes: AtomicBool,
 }
+
+/// Largest buffered write done on the calling thread when the filesystem does not support
+/// non-blocking buffered writes.
+const INLINE_WRITE_MAX: usize = 64 << 10;
 
 impl std::fmt::Debug for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -240,6 +247,7 @@ impl Replica {
             size,
             is_device,
             meta: Mutex::new((0, meta.clone())),
+            nowait_writes: AtomicBool::new(true),
         };
         // Write both slots so that a stale header from an earlier use of a device can't win.
         r.write_slot(0, &meta.encode(1)?)?;
@@ -273,7 +281,14 @@ impl Replica {
         if meta.size != size {
             return Err(ReplicaError::WrongSize { path: path.into(), found: meta.size, expected: size });
         }
-        Ok(Replica { path: path.to_owned(), file: Arc::new(file), size, is_device, meta: Mutex::new((seq, meta)) })
+        Ok(Replica {
+            path: path.to_owned(),
+            file: Arc::new(file),
+            size,
+            is_device,
+            meta: Mutex::new((seq, meta)),
+            nowait_writes: AtomicBool::new(true),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -337,9 +352,19 @@ impl Replica {
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
         let pos = DATA_OFFSET + offset;
         if !fua {
-            match rustix::io::pwritev2(&*self.file, &[IoSlice::new(&data)], pos, ReadWriteFlags::NOWAIT) {
+            let inline = if self.nowait_writes.load(Ordering::Relaxed) {
+                rustix::io::pwritev2(&*self.file, &[IoSlice::new(&data)], pos, ReadWriteFlags::NOWAIT)
+            } else if data.len() <= INLINE_WRITE_MAX {
+                // The filesystem cannot tell whether a buffered write would block: a small
+                // one into the page cache costs less than the hand-off to another thread.
+                rustix::io::pwrite(&*self.file, &data, pos)
+            } else {
+                Err(Errno::AGAIN)
+            };
+            match inline {
                 Ok(n) if n == data.len() => return Ok(()),
-                Ok(_) | Err(Errno::AGAIN) | Err(Errno::OPNOTSUPP) => {}
+                Err(Errno::OPNOTSUPP) => self.nowait_writes.store(false, Ordering::Relaxed),
+                Ok(_) | Err(Errno::AGAIN) | Err(Errno::INTR) => {}
                 Err(e) => return Err(e.into()),
             }
         }

@@ -221,7 +221,7 @@ fn main() -> anyhow::Result<()> {
                 std::fs::File::create(&f)?.set_len(size)?;
                 let sock = dir.join("qemu-nbd.sock");
                 let child = Command::new("qemu-nbd")
-                    .args(["-f", "raw", "--shared=16", "--aio=threads", "-k"])
+                    .args(["-f", "raw", "--persistent", "--shared=16", "--aio=threads", "--cache=writeback", "-k"])
                     .arg(&sock)
                     .arg(&f)
                     .stdout(Stdio::null())

@@ -19,13 +19,17 @@
 //!
 //! # Concurrency
 //!
-//! Each connection has a reader (the connection task) that parses requests, checks them
-//! and spawns one task per device call, and a writer task that receives the replies in
-//! completion order over a channel and writes every reply that is ready with one
-//! vectored write. At most [`MAX_IN_FLIGHT`] requests and [`MAX_BYTES_IN_FLIGHT`] bytes
-//! of payload (write data being received or read data waiting to be sent) are
-//! outstanding per connection; the reader stops reading from the socket when either
-//! limit is reached.
+//! Each connection has two tasks. The reader (the connection task) parses requests,
+//! checks them, reads write payloads straight into buffers of the right size and hands
+//! the requests to the executor over a channel, without waiting for earlier requests to
+//! complete. The executor drives every device call of the connection concurrently (in a
+//! `FuturesUnordered`) and writes the replies in completion order, all replies that are
+//! ready in one vectored write (headers and read data are not copied together). At most
+//! [`MAX_IN_FLIGHT`] requests and [`MAX_BYTES_IN_FLIGHT`] bytes of payload (write data
+//! received but not yet written to the device, plus read data not yet sent) are
+//! outstanding per connection; the reader stops reading from the socket while either
+//! limit is reached. `NBD_CMD_DISC` (or the client hanging up, or server shutdown) stops
+//! the reader; the executor answers what is in flight, then the connection is closed.
 //!
 //! # Errors and limits
 //!
@@ -54,6 +58,7 @@ mod transmission;
 mod tests;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::block::{BlockDevice, BlockErrorKind};
 
@@ -74,6 +79,9 @@ pub const MAX_OPTION_LEN: u32 = 64 * 1024;
 /// An option payload longer than [`MAX_OPTION_LEN`] but at most this long is skipped and
 /// answered with `NBD_REP_ERR_TOO_BIG`; a longer one closes the connection.
 pub const MAX_DISCARD_OPTION: u32 = 1024 * 1024;
+/// A client that has not entered the transmission phase (or ended the session) this long
+/// after connecting is disconnected, so idle half-open connections cannot pile up.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most requests outstanding (received but not yet answered) on one connection.
 pub const MAX_IN_FLIGHT: usize = 256;
 /// Most payload bytes outstanding on one connection (write data received but not yet

@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, debug_span, error, warn};
 
 use super::transmission::{self, Shutdown};
-use super::{Exports, NbdError, handshake};
+use super::{Exports, HANDSHAKE_TIMEOUT, NbdError, handshake};
 
 /// Size of the buffered reader on a connection's socket. Large enough to pick up a full
 /// queue of small pipelined requests with one read.
@@ -45,30 +45,41 @@ where
     E: Exports,
 {
     let (reader, writer) = tokio::io::split(stream);
-    run_connection(reader, writer, exports, Shutdown::never()).await
+    run_connection(reader, writer, exports, Shutdown::never(), HANDSHAKE_TIMEOUT).await
 }
 
-async fn run_connection<R, W, E>(
-    reader: R,
+pub(crate) async fn run_connection<R, W, E>(
+    mut reader: R,
     mut writer: W,
     exports: Arc<E>,
     mut shutdown: Shutdown,
+    handshake_timeout: Duration,
 ) -> Result<(), NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
     E: Exports,
 {
-    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+    // The handshake reads the socket unbuffered (a few small messages), so nothing is
+    // read ahead and the large transmission buffer is only allocated for clients that
+    // complete it.
+    let handshake = tokio::time::timeout(handshake_timeout, handshake::negotiate(&mut reader, &mut writer, &*exports));
     let negotiated = tokio::select! {
         biased;
         () = shutdown.wait() => return Ok(()),
-        n = handshake::negotiate(&mut reader, &mut writer, &*exports) => n?,
+        n = handshake => match n {
+            Ok(n) => n?,
+            Err(_) => {
+                warn!(?handshake_timeout, "client did not complete the handshake in time; closing");
+                return Err(NbdError::Protocol("handshake timed out".into()));
+            }
+        },
     };
     let Some(negotiated) = negotiated else {
         return Ok(());
     };
     debug!(export = %negotiated.name, "transmission phase");
+    let reader = BufReader::with_capacity(READ_BUFFER, reader);
     transmission::serve(reader, writer, negotiated.device, shutdown).await
 }
 
@@ -140,7 +151,9 @@ async fn accept_loop<L: Listener, E: Exports>(listener: L, exports: Arc<E>, shut
                     connections.spawn(
                         async move {
                             debug!("connection opened");
-                            match run_connection(reader, writer, exports, stop).await {
+                            let result =
+                                run_connection(reader, writer, exports, stop, HANDSHAKE_TIMEOUT).await;
+                            match result {
                                 Ok(()) => debug!("connection closed"),
                                 Err(e) => debug!(error = %e, "connection closed abnormally"),
                             }

@@ -1,7 +1,6 @@
 //! Unit tests: a raw NBD client against `serve_connection` (over `tokio::io::duplex`) and
 //! `serve_unix` (over a socket in a temporary directory).
 
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -91,52 +90,42 @@ impl BlockDevice for MemDevice {
         self.data.lock().unwrap().len() as u64
     }
 
-    fn read(&self, offset: u64, len: u32) -> impl Future<Output = BlockResult<Bytes>> + Send {
-        async move {
-            self.enter().await?;
-            assert!(!self.hooks.panic_on_read, "injected panic");
-            let d = self.data.lock().unwrap();
-            check_range(offset, len.into(), d.len() as u64)?;
-            let mut len = len as usize;
-            if self.hooks.short_read {
-                len -= 1;
-            }
-            Ok(Bytes::copy_from_slice(&d[offset as usize..offset as usize + len]))
+    async fn read(&self, offset: u64, len: u32) -> BlockResult<Bytes> {
+        self.enter().await?;
+        assert!(!self.hooks.panic_on_read, "injected panic");
+        let d = self.data.lock().unwrap();
+        check_range(offset, len.into(), d.len() as u64)?;
+        let mut len = len as usize;
+        if self.hooks.short_read {
+            len -= 1;
         }
+        Ok(Bytes::copy_from_slice(&d[offset as usize..offset as usize + len]))
     }
 
-    fn write(&self, offset: u64, data: Bytes, fua: bool) -> impl Future<Output = BlockResult<()>> + Send {
-        async move {
-            self.enter().await?;
-            if let Some(b) = &self.hooks.write_barrier {
-                b.wait().await;
-            }
-            self.fill(offset, data.len() as u64, fua, Some(&data))
+    async fn write(&self, offset: u64, data: Bytes, fua: bool) -> BlockResult<()> {
+        self.enter().await?;
+        if let Some(b) = &self.hooks.write_barrier {
+            b.wait().await;
         }
+        self.fill(offset, data.len() as u64, fua, Some(&data))
     }
 
-    fn flush(&self) -> impl Future<Output = BlockResult<()>> + Send {
-        async move {
-            self.enter().await?;
-            self.flushes.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
+    async fn flush(&self) -> BlockResult<()> {
+        self.enter().await?;
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> impl Future<Output = BlockResult<()>> + Send {
-        async move {
-            self.enter().await?;
-            self.trims.fetch_add(1, Ordering::SeqCst);
-            self.fill(offset, len, fua, None)
-        }
+    async fn trim(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
+        self.enter().await?;
+        self.trims.fetch_add(1, Ordering::SeqCst);
+        self.fill(offset, len, fua, None)
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> impl Future<Output = BlockResult<()>> + Send {
-        async move {
-            self.enter().await?;
-            self.zeroes.fetch_add(1, Ordering::SeqCst);
-            self.fill(offset, len, fua, None)
-        }
+    async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> BlockResult<()> {
+        self.enter().await?;
+        self.zeroes.fetch_add(1, Ordering::SeqCst);
+        self.fill(offset, len, fua, None)
     }
 }
 
@@ -522,12 +511,43 @@ async fn opt_export_name_with_and_without_zeroes() {
     assert_eq!(be_u64(&b[0..8]), 8192);
     assert_eq!(c.read(3, 100, 3).await.unwrap(), b"abc");
 
+    // A plain (not fixed) newstyle client gets the same treatment.
+    let (mut c, _task) = connect(exports.clone());
+    c.greet(0).await;
+    c.send_opt(OPT_EXPORT_NAME, b"disk").await;
+    let mut b = [0xffu8; 10 + 124];
+    c.s.read_exact(&mut b).await.unwrap();
+    assert_eq!(be_u64(&b[0..8]), 8192);
+    assert_eq!(c.read(4, 100, 3).await.unwrap(), b"abc");
+
     // Unknown export: the connection is closed (no error reply exists).
     let (mut c, task) = connect(exports);
     c.greet(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).await;
     c.send_opt(OPT_EXPORT_NAME, b"nope").await;
     c.expect_closed().await;
     assert!(matches!(task.await.unwrap(), Err(NbdError::UnknownExport(n)) if n == "nope"));
+}
+
+#[tokio::test]
+async fn handshake_times_out() {
+    let (exports, _) = TestExports::one(MemDevice::new(4096));
+    let (client, server) = tokio::io::duplex(4096);
+    let (r, w) = tokio::io::split(server);
+    let task = tokio::spawn(server::run_connection(
+        r,
+        w,
+        exports,
+        transmission::Shutdown::never(),
+        Duration::from_millis(200),
+    ));
+    let mut c = Client { s: client };
+    c.greet(FLAG_C_FIXED_NEWSTYLE).await;
+    // Negotiating, but never choosing an export.
+    c.send_opt(OPT_LIST, &[]).await;
+    assert_eq!(c.opt_reply().await.kind, REP_SERVER);
+    assert_eq!(c.opt_reply().await.kind, REP_ACK);
+    c.expect_closed().await;
+    assert!(matches!(task.await.unwrap(), Err(NbdError::Protocol(_))));
 }
 
 #[tokio::test]

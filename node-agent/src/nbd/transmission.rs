@@ -1,21 +1,22 @@
-//! The transmission phase: a pipelined request reader, one task per device call, and a
-//! batching reply writer.
+//! The transmission phase: a pipelined request reader and an executor that drives the
+//! device calls concurrently and writes their replies in batches.
 
-use std::future::Future;
 use std::io::{self, IoSlice};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::{Bytes, BytesMut};
-use futures::FutureExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
-use tracing::{debug, error, warn};
+use tracing::{Instrument, debug, error, warn};
 
 use super::handshake::{discard, read_or_eof};
 use super::proto::{self, Request};
 use super::{MAX_BLOCK_SIZE, MAX_BYTES_IN_FLIGHT, MAX_DISCARD_WRITE, MAX_IN_FLIGHT, NbdError, errno_for};
-use crate::block::{BlockDevice, BlockError, BlockErrorKind, BlockResult, check_range};
+use crate::block::{BlockDevice, BlockError, BlockErrorKind, check_range};
 
 /// Most replies gathered into one vectored write.
 const MAX_BATCH: usize = 64;
@@ -53,21 +54,42 @@ struct Permits {
     _bytes: Option<OwnedSemaphorePermit>,
 }
 
-/// A simple reply queued for the writer.
+/// A simple reply ready to be written.
 struct Reply {
     header: [u8; proto::SIMPLE_REPLY_LEN],
     data: Option<Bytes>,
     _permits: Permits,
 }
 
+/// What the executor has to do for a request that passed the reader's checks.
+enum Op {
+    Read,
+    Write(Bytes),
+    Flush,
+    Trim,
+    WriteZeroes,
+    /// No device call: reply with this error value (0 for success).
+    Reply(u32),
+}
+
+/// A request handed from the reader to the executor.
+struct Job {
+    req: Request,
+    op: Op,
+    permits: Permits,
+}
+
 enum Step {
     Continue,
     Disconnect,
+    /// The executor has stopped (it could not write to the socket); its error says why.
+    ExecutorGone,
 }
 
+/// The reader's side of a connection.
 struct Conn<D> {
     device: Arc<D>,
-    replies: mpsc::UnboundedSender<Reply>,
+    jobs: mpsc::UnboundedSender<Job>,
     count: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
 }
@@ -86,10 +108,10 @@ where
     D: BlockDevice,
 {
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer_task = tokio::spawn(write_replies(writer, rx));
+    let executor = tokio::spawn(execute_and_reply(writer, device.clone(), rx).in_current_span());
     let conn = Conn {
         device,
-        replies: tx,
+        jobs: tx,
         count: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         bytes: Arc::new(Semaphore::new(MAX_BYTES_IN_FLIGHT)),
     };
@@ -105,17 +127,16 @@ where
         };
         match step {
             Ok(Step::Continue) => {}
-            Ok(Step::Disconnect) => break Ok(()),
+            Ok(Step::Disconnect | Step::ExecutorGone) => break Ok(()),
             Err(e) => break Err(e),
         }
     };
 
-    // The writer ends once every sender is gone: ours, and those held by the tasks of
-    // the requests still in flight.
+    // The executor ends once the reader is gone and every request in flight is answered.
     drop(conn);
-    let written = match writer_task.await {
+    let written = match executor.await {
         Ok(r) => r,
-        Err(e) => Err(io::Error::other(format!("reply writer failed: {e}"))),
+        Err(e) => Err(io::Error::other(format!("executor task failed: {e}"))),
     };
     match (result, written) {
         (Err(e), _) => Err(e),
@@ -125,7 +146,7 @@ where
 }
 
 impl<D: BlockDevice> Conn<D> {
-    /// Reads one request (and its payload) and dispatches it.
+    /// Reads one request (and its payload), checks it and hands it to the executor.
     async fn next_request<R: AsyncRead + Unpin>(&self, reader: &mut R) -> Result<Step, NbdError> {
         let mut hdr = [0u8; proto::REQUEST_LEN];
         if !read_or_eof(reader, &mut hdr).await? {
@@ -138,124 +159,65 @@ impl<D: BlockDevice> Conn<D> {
             return Err(NbdError::Protocol(format!("bad request magic {:#010x}", req.magic)));
         }
 
-        match req.kind {
-            proto::CMD_READ => self.read(req).await,
-            proto::CMD_WRITE => self.write(reader, req).await,
+        let (op, permits) = match req.kind {
+            proto::CMD_READ => {
+                let check = self
+                    .check_flags(&req, proto::CMD_FLAG_FUA)
+                    .and_then(|()| self.check_len(&req))
+                    .and_then(|()| self.check_range(&req, BlockErrorKind::OutOfRange));
+                let permits = self.permits(if check.is_ok() { req.len } else { 0 }).await;
+                (ok_or_reply(check, &req, Op::Read), permits)
+            }
+            proto::CMD_WRITE => {
+                if req.len > MAX_DISCARD_WRITE {
+                    warn!(len = req.len, "NBD_CMD_WRITE payload is absurdly large; closing the connection");
+                    return Err(NbdError::Protocol(format!("write of {} bytes", req.len)));
+                }
+                if req.len > MAX_BLOCK_SIZE {
+                    warn!(len = req.len, "NBD_CMD_WRITE longer than the maximum block size; skipping its payload");
+                    discard(reader, req.len.into()).await?;
+                    (Op::Reply(proto::EINVAL), self.permits(0).await)
+                } else {
+                    // Take the budget before reading the payload, so that a client cannot
+                    // make the server buffer more than MAX_BYTES_IN_FLIGHT.
+                    let permits = self.permits(req.len).await;
+                    let data = read_payload(reader, req.len as usize).await?;
+                    let check = self
+                        .check_flags(&req, proto::CMD_FLAG_FUA)
+                        .and_then(|()| self.check_range(&req, BlockErrorKind::NoSpace));
+                    (ok_or_reply(check, &req, Op::Write(data)), permits)
+                }
+            }
             proto::CMD_DISC => {
                 debug!("NBD_CMD_DISC");
                 return Ok(Step::Disconnect);
             }
             proto::CMD_FLUSH => {
                 // Offset and length are reserved; they are ignored rather than refused.
-                let permits = self.permits(0).await;
-                match self.check_flags(&req, proto::CMD_FLAG_FUA) {
-                    Err(errno) => self.reply_now(req.handle, errno, permits),
-                    Ok(()) => {
-                        let device = self.device.clone();
-                        self.spawn(req, permits, async move { device.flush().await.map(|()| None) });
-                        Ok(())
-                    }
-                }
+                let check = self.check_flags(&req, proto::CMD_FLAG_FUA);
+                (ok_or_reply(check, &req, Op::Flush), self.permits(0).await)
             }
             proto::CMD_TRIM => {
-                let permits = self.permits(0).await;
                 let check = self
                     .check_flags(&req, proto::CMD_FLAG_FUA)
                     .and_then(|()| self.check_range(&req, BlockErrorKind::OutOfRange));
-                match check {
-                    Err(errno) => self.reply_now(req.handle, errno, permits),
-                    Ok(()) if req.len == 0 => self.reply_now(req.handle, 0, permits),
-                    Ok(()) => {
-                        let device = self.device.clone();
-                        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-                        self.spawn(req, permits, async move {
-                            device.trim(req.offset, req.len.into(), fua).await.map(|()| None)
-                        });
-                        Ok(())
-                    }
-                }
+                (ok_or_reply(check, &req, Op::Trim), self.permits(0).await)
             }
             proto::CMD_WRITE_ZEROES => {
-                let permits = self.permits(0).await;
                 // NO_HOLE needs nothing special: the device writes zeros either way.
                 let check = self
                     .check_flags(&req, proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE)
                     .and_then(|()| self.check_range(&req, BlockErrorKind::NoSpace));
-                match check {
-                    Err(errno) => self.reply_now(req.handle, errno, permits),
-                    Ok(()) if req.len == 0 => self.reply_now(req.handle, 0, permits),
-                    Ok(()) => {
-                        let device = self.device.clone();
-                        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-                        self.spawn(req, permits, async move {
-                            device.write_zeroes(req.offset, req.len.into(), fua).await.map(|()| None)
-                        });
-                        Ok(())
-                    }
-                }
+                (ok_or_reply(check, &req, Op::WriteZeroes), self.permits(0).await)
             }
             kind => {
                 warn!(kind, name = proto::command_name(kind), "unsupported command; replying EINVAL");
-                let permits = self.permits(0).await;
-                self.reply_now(req.handle, proto::EINVAL, permits)
+                (Op::Reply(proto::EINVAL), self.permits(0).await)
             }
-        }?;
-        Ok(Step::Continue)
-    }
-
-    async fn read(&self, req: Request) -> Result<(), NbdError> {
-        let check = self
-            .check_flags(&req, proto::CMD_FLAG_FUA)
-            .and_then(|()| self.check_len(&req))
-            .and_then(|()| self.check_range(&req, BlockErrorKind::OutOfRange));
-        let permits = self.permits(if check.is_ok() { req.len } else { 0 }).await;
-        match check {
-            Err(errno) => self.reply_now(req.handle, errno, permits),
-            Ok(()) if req.len == 0 => self.reply_now(req.handle, 0, permits),
-            Ok(()) => {
-                let device = self.device.clone();
-                self.spawn(req, permits, async move {
-                    let data = device.read(req.offset, req.len).await?;
-                    if data.len() != req.len as usize {
-                        // Sending it would desynchronise the client.
-                        return Err(BlockError::new(
-                            BlockErrorKind::Io,
-                            format!("device returned {} bytes for a read of {}", data.len(), req.len),
-                        ));
-                    }
-                    Ok(Some(data))
-                });
-                Ok(())
-            }
-        }
-    }
-
-    async fn write<R: AsyncRead + Unpin>(&self, reader: &mut R, req: Request) -> Result<(), NbdError> {
-        if req.len > MAX_DISCARD_WRITE {
-            warn!(len = req.len, "NBD_CMD_WRITE payload is absurdly large; closing the connection");
-            return Err(NbdError::Protocol(format!("write of {} bytes", req.len)));
-        }
-        if req.len > MAX_BLOCK_SIZE {
-            warn!(len = req.len, "NBD_CMD_WRITE longer than the maximum block size; skipping its payload");
-            discard(reader, req.len.into()).await?;
-            let permits = self.permits(0).await;
-            return self.reply_now(req.handle, proto::EINVAL, permits);
-        }
-        // Take the budget before reading the payload, so a client cannot make the server
-        // buffer more than MAX_BYTES_IN_FLIGHT.
-        let permits = self.permits(req.len).await;
-        let data = read_payload(reader, req.len as usize).await?;
-        let check =
-            self.check_flags(&req, proto::CMD_FLAG_FUA).and_then(|()| self.check_range(&req, BlockErrorKind::NoSpace));
-        match check {
-            Err(errno) => self.reply_now(req.handle, errno, permits),
-            Ok(()) if req.len == 0 => self.reply_now(req.handle, 0, permits),
-            Ok(()) => {
-                let device = self.device.clone();
-                let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-                self.spawn(req, permits, async move { device.write(req.offset, data, fua).await.map(|()| None) });
-                Ok(())
-            }
+        };
+        match self.jobs.send(Job { req, op, permits }) {
+            Ok(()) => Ok(Step::Continue),
+            Err(_) => Ok(Step::ExecutorGone),
         }
     }
 
@@ -299,47 +261,60 @@ impl<D: BlockDevice> Conn<D> {
         };
         Permits { _count: count, _bytes: bytes }
     }
+}
 
-    /// Queues a reply computed without calling the device.
-    fn reply_now(&self, handle: u64, error: u32, permits: Permits) -> Result<(), NbdError> {
-        let reply = Reply { header: proto::simple_reply(error, handle), data: None, _permits: permits };
-        self.replies
-            .send(reply)
-            .map_err(|_| NbdError::Io(io::Error::new(io::ErrorKind::BrokenPipe, "reply writer has stopped")))
+/// The operation for a request that passed its checks, or the error reply for one that
+/// did not. A zero-length request succeeds without calling the device.
+fn ok_or_reply(check: Result<(), u32>, req: &Request, op: Op) -> Op {
+    match check {
+        Err(errno) => Op::Reply(errno),
+        Ok(()) if req.len == 0 && !matches!(op, Op::Flush) => Op::Reply(0),
+        Ok(()) => op,
     }
+}
 
-    /// Runs a device call in its own task and queues its reply when it completes.
-    fn spawn<F>(&self, req: Request, permits: Permits, call: F)
-    where
-        F: Future<Output = BlockResult<Option<Bytes>>> + Send + 'static,
-    {
-        let replies = self.replies.clone();
-        tokio::spawn(async move {
-            let (error, data) = match AssertUnwindSafe(call).catch_unwind().await {
-                Ok(Ok(data)) => (0, data),
-                Ok(Err(e)) => {
-                    debug!(
-                        command = proto::command_name(req.kind),
-                        offset = req.offset,
-                        len = req.len,
-                        "device error: {e}"
-                    );
-                    (errno_for(e.kind), None)
+/// Runs the device call of one job and builds its reply.
+async fn execute<D: BlockDevice>(device: &D, job: Job) -> Reply {
+    let Job { req, op, permits } = job;
+    let call = async {
+        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+        match op {
+            Op::Reply(errno) => return Ok((errno, None)),
+            Op::Read => {
+                let data = device.read(req.offset, req.len).await?;
+                if data.len() != req.len as usize {
+                    // Sending it would desynchronise the client.
+                    return Err(BlockError::new(
+                        BlockErrorKind::Io,
+                        format!("device returned {} bytes for a read of {}", data.len(), req.len),
+                    ));
                 }
-                Err(_) => {
-                    error!(
-                        command = proto::command_name(req.kind),
-                        offset = req.offset,
-                        len = req.len,
-                        "device call panicked; replying EIO"
-                    );
-                    (proto::EIO, None)
-                }
-            };
-            // Fails only if the writer has stopped, i.e. the connection is gone.
-            let _ = replies.send(Reply { header: proto::simple_reply(error, req.handle), data, _permits: permits });
-        });
-    }
+                return Ok((0, Some(data)));
+            }
+            Op::Write(data) => device.write(req.offset, data, fua).await?,
+            Op::Flush => device.flush().await?,
+            Op::Trim => device.trim(req.offset, req.len.into(), fua).await?,
+            Op::WriteZeroes => device.write_zeroes(req.offset, req.len.into(), fua).await?,
+        }
+        Ok((0, None))
+    };
+    let (error, data) = match AssertUnwindSafe(call).catch_unwind().await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(e)) => {
+            debug!(command = proto::command_name(req.kind), offset = req.offset, len = req.len, "device error: {e}");
+            (errno_for(e.kind), None)
+        }
+        Err(_) => {
+            error!(
+                command = proto::command_name(req.kind),
+                offset = req.offset,
+                len = req.len,
+                "device call panicked; replying EIO"
+            );
+            (proto::EIO, None)
+        }
+    };
+    Reply { header: proto::simple_reply(error, req.handle), data, _permits: permits }
 }
 
 /// Reads exactly `len` bytes into a buffer of exactly that size, without zero-filling it.
@@ -354,13 +329,50 @@ async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> io::R
     Ok(buf.freeze())
 }
 
-/// The writer task: writes replies in completion order, every reply that is ready in one
-/// (vectored) write.
-async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut rx: mpsc::UnboundedReceiver<Reply>) -> io::Result<()> {
+/// The executor task: runs the device calls of the jobs the reader sends, all
+/// concurrently, and writes their replies in completion order, every reply that is ready
+/// in one (vectored) write. Ends when the reader has gone and every job is answered.
+async fn execute_and_reply<W, D>(
+    mut writer: W,
+    device: Arc<D>,
+    mut jobs: mpsc::UnboundedReceiver<Job>,
+) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+    D: BlockDevice,
+{
     let vectored = writer.is_write_vectored();
+    let mut in_flight = FuturesUnordered::new();
+    let mut incoming: Vec<Job> = Vec::with_capacity(MAX_BATCH);
     let mut batch: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
     let mut flat: Vec<u8> = Vec::new();
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    let mut reader_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            Some(reply) = in_flight.next(), if !in_flight.is_empty() => batch.push(reply),
+            n = jobs.recv_many(&mut incoming, MAX_BATCH), if reader_open => {
+                reader_open = n > 0;
+                for job in incoming.drain(..) {
+                    in_flight.push(execute(&*device, job));
+                }
+            }
+            else => break,
+        }
+        // Gather every other reply that is ready now (polling newly pushed jobs too).
+        std::future::poll_fn(|cx| {
+            while batch.len() < MAX_BATCH {
+                match in_flight.poll_next_unpin(cx) {
+                    Poll::Ready(Some(reply)) => batch.push(reply),
+                    _ => break,
+                }
+            }
+            Poll::Ready(())
+        })
+        .await;
+        if batch.is_empty() {
+            continue;
+        }
         if vectored {
             write_batch_vectored(&mut writer, &batch).await?;
         } else {
