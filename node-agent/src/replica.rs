@@ -504,7 +504,7 @@ mod tests {
         drop(r);
         // Corrupt slot 1 (the newest): the previous state must be found in slot 0.
         let f = OpenOptions::new().write(true).open(&path).unwrap();
-        write_all_at(&f, &[0xff; 64], SLOT_SIZE as u64 + 100).unwrap();
+        write_all_at(&f, &[0xff; 16], SLOT_SIZE as u64 + 24).unwrap();
         let r = Replica::open(&path, "v", 1 << 20).unwrap();
         assert_eq!(r.meta().generation, 5);
     }

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{Notify, oneshot};
 
 use super::handshake::{HandshakeConfig, client_handshake};
-use super::proto::{ErrorCode, Frame, ReplicaStateMsg, Reply, Request, encode_request, read_frame};
+use super::proto::{ErrorCode, Frame, ReplicaStateMsg, Reply, Request, encode_request_vectored, read_frame};
 use super::writer::FrameWriter;
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -178,7 +178,7 @@ impl PeerConn {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().insert(id, tx);
-        if let Err(e) = self.writer.push(|b| encode_request(id, &req, b)) {
+        if let Err(e) = self.writer.push(|b| encode_request_vectored(id, &req, b)) {
             self.pending.lock().unwrap().remove(&id);
             return Err(PeerError::Protocol { peer: self.peer.clone(), message: e.to_string() });
         }

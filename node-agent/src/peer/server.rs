@@ -10,7 +10,7 @@ use futures::stream::FuturesUnordered;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::handshake::{HandshakeConfig, server_handshake};
-use super::proto::{ErrorCode, Frame, Reply, Request, encode_reply, read_frame};
+use super::proto::{ErrorCode, Frame, Reply, Request, encode_reply_vectored, read_frame};
 use super::writer::FrameWriter;
 use crate::engine::Volume;
 
@@ -152,7 +152,7 @@ async fn serve_conn<L: VolumeLookup>(
 }
 
 fn send(writer: &FrameWriter, id: u64, reply: &Reply) {
-    if let Err(e) = writer.push(|b| encode_reply(id, reply, b)) {
+    if let Err(e) = writer.push(|b| encode_reply_vectored(id, reply, b)) {
         tracing::error!(id, error = %e, "cannot encode reply");
     }
 }
