@@ -195,17 +195,17 @@ impl Node {
         let mut replicas = v.replicas.clone();
         replicas.sort();
         let recorded = self.record.lock().unwrap().volumes.get(&v.name).cloned();
-        if let Some(r) = &recorded {
-            if r.size != size || {
+        if let Some(r) = &recorded
+            && (r.size != size || {
                 let mut rr = r.replicas.clone();
                 rr.sort();
                 rr != replicas
-            } {
-                return Err(AgentError::Conflict {
-                    name: v.name.clone(),
-                    existing: format!("{} bytes on {:?}", r.size, r.replicas),
-                });
-            }
+            })
+        {
+            return Err(AgentError::Conflict {
+                name: v.name.clone(),
+                existing: format!("{} bytes on {:?}", r.size, r.replicas),
+            });
         }
         let exists = if v.device.is_some() { Replica::open(&path, &v.name, size).is_ok() } else { path.exists() };
         let (replica, detail) = if exists {
@@ -265,7 +265,7 @@ impl Node {
     /// Idempotent for an identical definition.
     pub fn create_local(&self, name: &str, size: u64, replicas: &[String]) -> Result<Arc<Volume>, AgentError> {
         check_name("name", name).map_err(|e| AgentError::Invalid(e.to_string()))?;
-        if size == 0 || size % BLOCK_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
             return Err(AgentError::Invalid(format!("size_bytes: {size} is not a positive multiple of {BLOCK_SIZE}")));
         }
         if replicas.is_empty() || replicas.len() > MAX_REPLICAS {
@@ -316,14 +316,14 @@ impl Node {
         };
         v.stop();
         let mut rec = self.record.lock().unwrap();
-        if let Some(r) = rec.volumes.remove(name) {
-            if r.device.is_none() {
-                let path = self.config.pool.path.join(format!("{name}.replica"));
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(source) => return Err(AgentError::Io { context: path.display().to_string(), source }),
-                }
+        if let Some(r) = rec.volumes.remove(name)
+            && r.device.is_none()
+        {
+            let path = self.config.pool.path.join(format!("{name}.replica"));
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(AgentError::Io { context: path.display().to_string(), source }),
             }
         }
         self.save_record(&rec)?;

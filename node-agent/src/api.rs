@@ -64,6 +64,11 @@ impl Agent for AgentService {
         tracing::info!(volume = %r.name, size = r.size_bytes, replicas = ?r.replicas, "CreateVolume");
         let v = self.node.create_local(&r.name, r.size_bytes, &r.replicas).map_err(status)?;
         crate::peer::control::create_on_peers(&self.node, &v).await.map_err(status)?;
+        // The volume is ready when this node mirrors to every replica.
+        let missing = v.wait_connected(self.node.config.timeouts.connect * 2).await;
+        if !missing.is_empty() {
+            tracing::warn!(volume = %v.name(), ?missing, "volume created; not yet connected to some replicas");
+        }
         Ok(Response::new(volume_pb(&self.node, &v)))
     }
 

@@ -254,7 +254,7 @@ pub fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
 /// Checks a volume definition against the set of known node names.
 pub fn check_volume(key: &str, v: &VolumeConfig, known_nodes: &BTreeSet<&str>, me: &str) -> Result<(), ConfigError> {
     check_name(&format!("{key}.name"), &v.name)?;
-    if v.size.0 == 0 || v.size.0 % BLOCK_SIZE != 0 {
+    if v.size.0 == 0 || !v.size.0.is_multiple_of(BLOCK_SIZE) {
         return Err(invalid(format!("{key}.size"), format!("{} bytes is not a positive multiple of 4096", v.size.0)));
     }
     if v.replicas.is_empty() || v.replicas.len() > MAX_REPLICAS {
@@ -310,15 +310,16 @@ impl Config {
         if !self.pool.path.is_absolute() {
             return Err(invalid("pool.path", format!("{} must be an absolute path", self.pool.path.display())));
         }
-        if let Some(addr) = self.listen.nbd_tcp {
-            if !addr.ip().is_loopback() && !self.listen.nbd_tcp_allow_remote {
-                return Err(invalid(
-                    "listen.nbd_tcp",
-                    format!(
-                        "{addr} is not a loopback address; NBD has no authentication, so set listen.nbd_tcp_allow_remote: true to serve it beyond this host"
-                    ),
-                ));
-            }
+        if let Some(addr) = self.listen.nbd_tcp
+            && !addr.ip().is_loopback()
+            && !self.listen.nbd_tcp_allow_remote
+        {
+            return Err(invalid(
+                "listen.nbd_tcp",
+                format!(
+                    "{addr} is not a loopback address; NBD has no authentication, so set listen.nbd_tcp_allow_remote: true to serve it beyond this host"
+                ),
+            ));
         }
         let mut nodes = BTreeSet::from([self.node.name.as_str()]);
         for (i, p) in self.peers.iter().enumerate() {

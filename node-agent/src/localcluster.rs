@@ -262,10 +262,10 @@ impl LocalCluster {
         let mut last = Err("no answer".to_string());
         while Instant::now() < deadline {
             last = self.volume(i, volume);
-            if let Ok(v) = &last {
-                if pred(v) {
-                    return Ok(v.clone());
-                }
+            if let Ok(v) = &last
+                && pred(v)
+            {
+                return Ok(v.clone());
             }
             std::thread::sleep(Duration::from_millis(50));
         }

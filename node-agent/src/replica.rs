@@ -208,7 +208,7 @@ impl Replica {
         consistent: bool,
         in_place: bool,
     ) -> Result<Replica, ReplicaError> {
-        if size == 0 || size % BLOCK_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
             return Err(ReplicaError::Invalid(format!("size {size} is not a positive multiple of {BLOCK_SIZE}")));
         }
         let is_device = std::fs::metadata(path).map(|m| m.file_type().is_block_device()).unwrap_or(false);

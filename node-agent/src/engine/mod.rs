@@ -70,6 +70,8 @@ struct Link {
     name: String,
     address: Option<String>,
     inner: Mutex<LinkInner>,
+    /// Cuts the reconnect back-off short (the peer just reached us, so it is up).
+    retry_now: Notify,
 }
 
 struct LinkInner {
@@ -182,6 +184,7 @@ impl Volume {
                         theirs: None,
                         detail: String::new(),
                     }),
+                    retry_now: Notify::new(),
                 })
             })
             .collect();
@@ -508,6 +511,7 @@ impl Volume {
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
+                _ = link.retry_now.notified() => {}
                 _ = self.stop.notified() => {}
             }
             backoff = (backoff * 2).min(self.ctx.reconnect_max);
@@ -526,10 +530,8 @@ impl Volume {
             Op::Write { offset, data, fua } => replica.write(*offset, data.clone(), *fua).await?,
             Op::Zero { offset, len, punch, fua } => replica.zero(*offset, *len, *punch, *fua).await?,
         }
-        if catching_up {
-            if let Some(f) = self.fresh.lock().unwrap().as_mut() {
-                f.insert_covered(offset, len);
-            }
+        if catching_up && let Some(f) = self.fresh.lock().unwrap().as_mut() {
+            f.insert_covered(offset, len);
         }
         if self.tracking.load(Ordering::Acquire) {
             for set in self.missed.lock().unwrap().values_mut() {
@@ -686,10 +688,44 @@ impl Volume {
 
     // ---- requests from peers -----------------------------------------------------------
 
-    /// A peer opened the volume: learn its state and return ours.
+    /// A peer opened the volume: learn its state and return ours. If our own connection to
+    /// it is down, retry it now rather than after the back-off: writes are sent to a peer
+    /// only over our connection to it.
     pub fn peer_open(&self, from: usize, theirs: ReplicaStateMsg) -> ReplicaStateMsg {
         self.observe_peer_state(from, theirs, false);
+        if let Some(link) = self.link(from)
+            && link.inner.lock().unwrap().conn.is_none()
+        {
+            link.retry_now.notify_one();
+        }
         self.state_msg()
+    }
+
+    /// Waits until this node is connected to every peer of the volume, or `max` elapsed.
+    /// Returns the peers still unconnected.
+    pub async fn wait_connected(&self, max: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let changed = self.changed.notified();
+            let missing: Vec<String> = self
+                .links
+                .iter()
+                .flatten()
+                .filter(|l| l.inner.lock().unwrap().conn.is_none())
+                .map(|l| l.name.clone())
+                .collect();
+            if missing.is_empty() || tokio::time::Instant::now() >= deadline {
+                return missing;
+            }
+            for l in self.links.iter().flatten() {
+                l.retry_now.notify_one();
+            }
+            let _ = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(100)),
+                changed,
+            )
+            .await;
+        }
     }
 
     /// A peer's connection to us closed: stop tracking resync for it.

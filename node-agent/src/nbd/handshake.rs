@@ -229,13 +229,11 @@ fn put_export_info<E: Exports>(
         payload.extend_from_slice(name.as_bytes());
         proto::put_opt_reply(out, option, proto::REP_INFO, &payload);
     }
-    if want_description {
-        if let Some(e) = entry.as_ref().filter(|e| !e.description.is_empty()) {
-            payload.clear();
-            payload.extend_from_slice(&proto::INFO_DESCRIPTION.to_be_bytes());
-            payload.extend_from_slice(e.description.as_bytes());
-            proto::put_opt_reply(out, option, proto::REP_INFO, &payload);
-        }
+    if want_description && let Some(e) = entry.as_ref().filter(|e| !e.description.is_empty()) {
+        payload.clear();
+        payload.extend_from_slice(&proto::INFO_DESCRIPTION.to_be_bytes());
+        payload.extend_from_slice(e.description.as_bytes());
+        proto::put_opt_reply(out, option, proto::REP_INFO, &payload);
     }
 }
 

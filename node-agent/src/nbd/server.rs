@@ -136,11 +136,10 @@ async fn accept_loop<L: Listener, E: Exports>(listener: L, exports: Arc<E>, shut
         tokio::select! {
             _ = &mut shutdown => break,
             Some(joined) = connections.join_next(), if !connections.is_empty() => {
-                if let Err(e) = joined {
-                    if e.is_panic() {
+                if let Err(e) = joined
+                    && e.is_panic() {
                         error!("NBD connection task panicked");
                     }
-                }
             }
             accepted = listener.accept() => match accepted {
                 Ok((reader, writer, peer)) => {

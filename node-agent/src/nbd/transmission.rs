@@ -39,10 +39,10 @@ impl Shutdown {
     /// Completes once shutdown has been requested; never completes if the sender went
     /// away without requesting it.
     pub(crate) async fn wait(&mut self) {
-        if let Some(rx) = &mut self.0 {
-            if rx.wait_for(|stop| *stop).await.is_ok() {
-                return;
-            }
+        if let Some(rx) = &mut self.0
+            && rx.wait_for(|stop| *stop).await.is_ok()
+        {
+            return;
         }
         std::future::pending::<()>().await;
     }

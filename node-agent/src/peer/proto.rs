@@ -1056,7 +1056,7 @@ impl Decoder for PeerCodec {
         if actual != hdr.body_crc {
             return Err(ProtoError::BodyChecksum { id: hdr.id, kind: hdr.kind, expected: hdr.body_crc, actual });
         }
-        if !matches!(hdr.kind, 0x01..=0x09 | 0x81..=0x86) {
+        if !matches!(hdr.kind, 0x01..=0x0b | 0x81..=0x86) {
             return Err(ProtoError::UnknownKind { id: hdr.id, kind: hdr.kind });
         }
         for (field, value) in [
@@ -1872,5 +1872,27 @@ mod tests {
         let small = Request::Write { offset: 0, flags: 0, insync: 1, sent: 1, data: Bytes::from_static(b"abc") };
         assert!(encode_request_vectored(1, &small, &mut b).unwrap().is_none());
         assert_eq!(b.len(), small.encoded_len());
+    }
+
+    #[test]
+    fn volume_lifecycle_requests_round_trip() {
+        let reqs = [
+            Request::CreateVolume {
+                volume: "data".into(),
+                size: 16 << 20,
+                replicas: vec!["node-1".into(), "node-2".into()],
+            },
+            Request::DeleteVolume { volume: "data".into() },
+        ];
+        for (i, req) in reqs.into_iter().enumerate() {
+            let mut b = BytesMut::new();
+            encode_request(i as u64, &req, &mut b).unwrap();
+            assert_eq!(b.len(), req.encoded_len());
+            let f = PeerCodec.decode(&mut b).unwrap().unwrap();
+            assert_eq!(f, Frame::Request { id: i as u64, req });
+        }
+        let too_many =
+            Request::CreateVolume { volume: "v".into(), size: 4096, replicas: vec!["n".into(); MAX_PEERS + 1] };
+        assert!(encode_request(1, &too_many, &mut BytesMut::new()).is_err());
     }
 }
