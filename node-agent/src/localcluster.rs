@@ -142,8 +142,7 @@ impl LocalCluster {
         Ok(())
     }
 
-    /// Starts member `i` and waits until its API answers.
-    pub fn start(&mut self, i: usize) -> std::io::Result<()> {
+    fn spawn(&mut self, i: usize) -> std::io::Result<()> {
         let m = &mut self.members[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(m.log_path())?;
         let child = Command::new(&self.agent_bin)
@@ -155,23 +154,19 @@ impl LocalCluster {
             .stderr(log)
             .spawn()?;
         m.child = Some(child);
+        Ok(())
+    }
+
+    /// Starts member `i` and waits until its API answers.
+    pub fn start(&mut self, i: usize) -> std::io::Result<()> {
+        self.spawn(i)?;
         self.wait_api(i, Duration::from_secs(30))
     }
 
     pub fn start_all(&mut self) -> std::io::Result<()> {
         // Start every process first so that they find each other while settling.
         for i in 0..self.members.len() {
-            let m = &mut self.members[i];
-            let log = std::fs::OpenOptions::new().create(true).append(true).open(m.log_path())?;
-            let child = Command::new(&self.agent_bin)
-                .arg("--config")
-                .arg(m.config_path())
-                .env("PEERSAN_LOG", &self.log_filter)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log)
-                .spawn()?;
-            m.child = Some(child);
+            self.spawn(i)?;
         }
         for i in 0..self.members.len() {
             self.wait_api(i, Duration::from_secs(30))?;

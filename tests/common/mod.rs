@@ -172,3 +172,17 @@ pub fn assert_replicas_equal(c: &mut LocalCluster, volume: &str, nodes: &[usize]
         assert_same(&format!("replica on {}", c.members[i].name), &d, image);
     }
 }
+
+/// Stops every agent and checks that the replicas on `nodes` are identical byte for byte.
+/// Returns the common content.
+pub fn assert_replicas_identical(c: &mut LocalCluster, volume: &str, nodes: &[usize]) -> Vec<u8> {
+    for &i in nodes {
+        c.stop(i);
+    }
+    let first = read_replica_data(&c.members[nodes[0]].replica_path(volume)).unwrap();
+    for &i in &nodes[1..] {
+        let other = read_replica_data(&c.members[i].replica_path(volume)).unwrap();
+        assert_same(&format!("replica on {} vs {}", c.members[i].name, c.members[nodes[0]].name), &other, &first);
+    }
+    first
+}

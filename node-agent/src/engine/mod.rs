@@ -101,6 +101,13 @@ pub struct ReplicaReport {
     pub path: String,
 }
 
+/// A peer that receives a write or a flush.
+struct Target {
+    idx: usize,
+    conn: Arc<PeerConn>,
+    in_sync: bool,
+}
+
 /// The write-like operations.
 #[derive(Clone)]
 enum Op {
@@ -545,14 +552,58 @@ impl Volume {
         Ok(())
     }
 
+    /// The local replica (when it receives writes) and the peers that receive writes now.
+    fn write_targets(&self) -> (Option<(Arc<Replica>, ReplicaState)>, Vec<Target>) {
+        let local = self.local_replica().filter(|(_, s)| s.receives_writes());
+        let peers = self
+            .links
+            .iter()
+            .enumerate()
+            .filter_map(|(idx, l)| {
+                let li = l.as_ref()?.inner.lock().unwrap();
+                let conn = li.conn.clone().filter(|_| li.state.receives_writes())?;
+                Some(Target { idx, conn, in_sync: li.state == ReplicaState::InSync })
+            })
+            .collect();
+        (local, peers)
+    }
+
+    /// Applies the outcome of one request sent to the local replica and the peers: failed
+    /// peers are dropped and recorded as outdated, a failed local replica is marked failed.
+    /// Returns whether a replica that was in sync completed it.
+    fn conclude(
+        &self,
+        targets: &[Target],
+        peer_results: Vec<Result<Reply, PeerError>>,
+        local: Option<(std::io::Result<()>, bool)>,
+    ) -> bool {
+        let mut done_in_sync = false;
+        let mut failed = Vec::new();
+        for (t, res) in targets.iter().zip(peer_results) {
+            match res {
+                Ok(_) => done_in_sync |= t.in_sync,
+                Err(e) => {
+                    self.drop_link(t.idx, &e);
+                    failed.push(t.idx);
+                }
+            }
+        }
+        match local {
+            Some((Ok(()), in_sync)) => done_in_sync |= in_sync,
+            Some((Err(e), _)) => self.local_failed(&e),
+            None => {}
+        }
+        self.flag_outdated(&failed);
+        done_in_sync
+    }
+
     /// A write-like operation received by a frontend of this node.
     async fn submit(&self, op: Op) -> BlockResult<()> {
         let (offset, len) = op.range();
         check_range(offset, len, self.spec.size)?;
         let _guard = self.write_locks.lock(offset, len).await;
 
-        let local = self.local_replica().filter(|(_, s)| s.receives_writes());
-        let mut targets = Vec::with_capacity(self.links.len());
+        let (local, targets) = self.write_targets();
         let mut sent = 0u32;
         let mut insync = 0u32;
         if let Some((_, s)) = &local {
@@ -561,15 +612,10 @@ impl Volume {
                 insync |= 1 << self.me;
             }
         }
-        for (i, link) in self.links.iter().enumerate() {
-            let Some(link) = link else { continue };
-            let li = link.inner.lock().unwrap();
-            if let (true, Some(conn)) = (li.state.receives_writes(), &li.conn) {
-                sent |= 1 << i;
-                if li.state == ReplicaState::InSync {
-                    insync |= 1 << i;
-                }
-                targets.push((i, conn.clone(), li.state == ReplicaState::InSync));
+        for t in &targets {
+            sent |= 1 << t.idx;
+            if t.in_sync {
+                insync |= 1 << t.idx;
             }
         }
         let missing: Vec<usize> =
@@ -582,27 +628,9 @@ impl Volume {
                 None => None,
             }
         };
-        let peer_futs = targets.iter().map(|(_, conn, _)| conn.call(op.request(insync, sent)));
+        let peer_futs = targets.iter().map(|t| t.conn.call(op.request(insync, sent)));
         let (local_res, peer_res) = tokio::join!(local_fut, join_all(peer_futs));
-
-        let mut done_in_sync = false;
-        let mut failed = Vec::new();
-        for ((idx, _, was_in_sync), res) in targets.iter().zip(peer_res) {
-            match res {
-                Ok(_) => done_in_sync |= *was_in_sync,
-                Err(e) => {
-                    self.drop_link(*idx, &e);
-                    failed.push(*idx);
-                }
-            }
-        }
-        match local_res {
-            Some((Ok(()), was_in_sync)) => done_in_sync |= was_in_sync,
-            Some((Err(e), _)) => self.local_failed(&e),
-            None => {}
-        }
-        self.flag_outdated(&failed);
-        if done_in_sync {
+        if self.conclude(&targets, peer_res, local_res) {
             Ok(())
         } else {
             Err(io_error(format!("volume {}: no in-sync replica executed the write", self.spec.name)))
@@ -644,16 +672,7 @@ impl Volume {
     }
 
     async fn do_flush(&self) -> BlockResult<()> {
-        let local = self.local_replica().filter(|(_, s)| s.receives_writes());
-        let targets: Vec<(usize, Arc<PeerConn>, bool)> = self
-            .links
-            .iter()
-            .enumerate()
-            .filter_map(|(i, l)| {
-                let li = l.as_ref()?.inner.lock().unwrap();
-                li.state.receives_writes().then(|| Some((i, li.conn.clone()?, li.state == ReplicaState::InSync)))?
-            })
-            .collect();
+        let (local, targets) = self.write_targets();
         let local_fut = async {
             match &local {
                 Some((r, s)) => Some((r.flush().await, *s == ReplicaState::InSync)),
@@ -661,25 +680,8 @@ impl Volume {
             }
         };
         let (local_res, peer_res) =
-            tokio::join!(local_fut, join_all(targets.iter().map(|(_, c, _)| c.call(Request::Flush))));
-        let mut ok = false;
-        let mut failed = Vec::new();
-        for ((idx, _, in_sync), res) in targets.iter().zip(peer_res) {
-            match res {
-                Ok(_) => ok |= *in_sync,
-                Err(e) => {
-                    self.drop_link(*idx, &e);
-                    failed.push(*idx);
-                }
-            }
-        }
-        match local_res {
-            Some((Ok(()), in_sync)) => ok |= in_sync,
-            Some((Err(e), _)) => self.local_failed(&e),
-            None => {}
-        }
-        self.flag_outdated(&failed);
-        if ok {
+            tokio::join!(local_fut, join_all(targets.iter().map(|t| t.conn.call(Request::Flush))));
+        if self.conclude(&targets, peer_res, local_res) {
             Ok(())
         } else {
             Err(io_error(format!("volume {}: no in-sync replica completed the flush", self.spec.name)))
