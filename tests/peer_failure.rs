@@ -80,3 +80,44 @@ fn writes_while_peer_down_reach_it_after_restart() {
     );
     assert_replicas_equal(&mut c, "vol", &[0, 1], &image.data);
 }
+
+#[test]
+fn peer_that_stops_answering_is_dropped_after_the_timeout() {
+    if !have("qemu-io") || !have("qemu-img") {
+        return;
+    }
+    let size = 16 * MIB;
+    let dir = tempfile::Builder::new().prefix("peersan-e2e-").tempdir_in(test_tmp()).unwrap();
+    let mut c = LocalCluster::new(dir.path(), &agent_bin(), 2, vec![VolumeDef::new("vol", size, vec![0, 1])]).unwrap();
+    c.peer_io_timeout = Duration::from_secs(2);
+    c.write_configs().unwrap();
+    c.start_all().unwrap();
+    c.wait_healthy(0, "vol", Duration::from_secs(20)).unwrap();
+    let mut image = Image::new(size);
+    random_writes(&c.members[0].nbd_uri("vol"), &mut image, 20, 61, dir.path());
+
+    // Freeze node-2: its TCP connections stay open but it answers nothing.
+    let pid = c.pid(1).unwrap().to_string();
+    run(Command::new("kill").args(["-STOP", &pid]));
+    let started = Instant::now();
+    random_writes(&c.members[0].nbd_uri("vol"), &mut image, 20, 62, dir.path());
+    let took = started.elapsed();
+    // The writes waited for the timeout once, then went on without node-2.
+    assert!(took >= Duration::from_secs(2), "writes completed in {took:?} although a peer could not have answered");
+    assert!(took < Duration::from_secs(15), "writes took {took:?}: the stalled peer was not dropped");
+    let v = c.volume(0, "vol").unwrap();
+    assert_eq!(v.health, "degraded", "{v:?}");
+
+    // When it wakes up it learns that it missed writes and is resynchronised.
+    run(Command::new("kill").args(["-CONT", &pid]));
+    // node-1 recorded that node-2 missed writes, so it reports the volume healthy only
+    // once node-2 has been resynchronised.
+    c.wait_healthy(0, "vol", Duration::from_secs(30)).unwrap();
+    c.wait_healthy(1, "vol", Duration::from_secs(30)).unwrap();
+    assert_same(
+        "read through node-2 after it woke up",
+        &read_volume(&c.members[1].nbd_uri("vol"), dir.path()),
+        &image.data,
+    );
+    assert_replicas_equal(&mut c, "vol", &[0, 1], &image.data);
+}

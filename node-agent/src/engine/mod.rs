@@ -72,6 +72,9 @@ struct Link {
     inner: Mutex<LinkInner>,
     /// Cuts the reconnect back-off short (the peer just reached us, so it is up).
     retry_now: Notify,
+    /// Bumped when this node records that the peer missed writes: the peer's connections
+    /// to us are then closed, so that it reconnects and learns it from our `Opened`.
+    missed_writes: tokio::sync::watch::Sender<u64>,
 }
 
 struct LinkInner {
@@ -192,6 +195,7 @@ impl Volume {
                         detail: String::new(),
                     }),
                     retry_now: Notify::new(),
+                    missed_writes: tokio::sync::watch::Sender::new(0),
                 })
             })
             .collect();
@@ -330,7 +334,9 @@ impl Volume {
 
     /// Records durably that the replicas in `idxs` missed writes. Must complete before a
     /// write they missed is acknowledged.
-    fn flag_outdated(&self, idxs: &[usize]) {
+    /// `sender` is the peer whose write revealed it, if any: its connections are left open
+    /// (it is the writer, and knows the state it sent).
+    fn flag_outdated(&self, idxs: &[usize], sender: Option<usize>) {
         if idxs.is_empty() {
             return;
         }
@@ -354,6 +360,10 @@ impl Volume {
                         let mut li = link.inner.lock().unwrap();
                         if li.state == ReplicaState::InSync {
                             li.state = ReplicaState::Outdated;
+                        }
+                        drop(li);
+                        if Some(i) != sender {
+                            link.missed_writes.send_modify(|n| *n += 1);
                         }
                     }
                 }
@@ -593,7 +603,7 @@ impl Volume {
             Some((Err(e), _)) => self.local_failed(&e),
             None => {}
         }
-        self.flag_outdated(&failed);
+        self.flag_outdated(&failed, None);
         done_in_sync
     }
 
@@ -620,7 +630,7 @@ impl Volume {
         }
         let missing: Vec<usize> =
             (0..self.spec.replicas.len()).filter(|i| sent & (1 << i) == 0 && *i != self.me).collect();
-        self.flag_outdated(&missing);
+        self.flag_outdated(&missing, None);
 
         let local_fut = async {
             match &local {
@@ -730,6 +740,12 @@ impl Volume {
         }
     }
 
+    /// Changes when this node records that peer `idx` missed writes; the peer server closes
+    /// the peer's connections then (see `Link::missed_writes`).
+    pub fn missed_writes_watch(&self, idx: usize) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.link(idx).map(|l| l.missed_writes.subscribe())
+    }
+
     /// A peer's connection to us closed: stop tracking resync for it.
     pub fn peer_closed(&self, from: usize) {
         let mut missed = self.missed.lock().unwrap();
@@ -742,13 +758,13 @@ impl Volume {
         let err = |code, message: String| Reply::Error { code, message };
         match req {
             Request::Write { offset, flags, sent, data, .. } => {
-                self.peer_write(sent, Op::Write { offset, data, fua: flags & WF_FUA != 0 }).await
+                self.peer_write(from, sent, Op::Write { offset, data, fua: flags & WF_FUA != 0 }).await
             }
             Request::WriteZeroes { offset, len, flags, sent, .. } => {
-                self.peer_write(sent, Op::Zero { offset, len, punch: false, fua: flags & WF_FUA != 0 }).await
+                self.peer_write(from, sent, Op::Zero { offset, len, punch: false, fua: flags & WF_FUA != 0 }).await
             }
             Request::Trim { offset, len, flags, sent, .. } => {
-                self.peer_write(sent, Op::Zero { offset, len, punch: true, fua: flags & WF_FUA != 0 }).await
+                self.peer_write(from, sent, Op::Zero { offset, len, punch: true, fua: flags & WF_FUA != 0 }).await
             }
             Request::Read { offset, len } => {
                 if let Err(e) = check_range(offset, u64::from(len), self.spec.size) {
@@ -807,14 +823,14 @@ impl Volume {
         }
     }
 
-    async fn peer_write(&self, sent: u32, op: Op) -> Reply {
+    async fn peer_write(&self, from: usize, sent: u32, op: Op) -> Reply {
         let (offset, len) = op.range();
         if let Err(e) = check_range(offset, len, self.spec.size) {
             return Reply::Error { code: ErrorCode::OutOfRange, message: e.message };
         }
         let missing: Vec<usize> =
             (0..self.spec.replicas.len()).filter(|i| sent & (1 << i) == 0 && *i != self.me).collect();
-        self.flag_outdated(&missing);
+        self.flag_outdated(&missing, Some(from));
         match self.local_replica() {
             Some((r, s)) if s.receives_writes() => match self.apply_local(&r, &op).await {
                 Ok(()) => Reply::Ok,

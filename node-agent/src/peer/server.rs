@@ -117,8 +117,14 @@ async fn serve_conn<L: VolumeLookup>(
     tracing::debug!(%peer, volume = %volume.name(), "peer opened volume");
 
     let mut inflight = FuturesUnordered::new();
+    let mut missed = volume.missed_writes_watch(idx).ok_or("no link for this peer")?;
     let result = loop {
         tokio::select! {
+            // We recorded that this peer missed writes: make it reconnect, so that it learns
+            // from our state at `Open` that it is out of date.
+            Ok(()) = missed.changed() => {
+                break Err(format!("{peer} missed writes; closing its connection so that it resynchronises"));
+            }
             Some((id, reply)) = inflight.next(), if !inflight.is_empty() => {
                 send(&writer, id, &reply);
             }
