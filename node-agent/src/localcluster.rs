@@ -67,7 +67,9 @@ pub fn free_ports(n: usize) -> std::io::Result<Vec<u16>> {
 #[derive(Debug)]
 pub struct LocalCluster {
     pub dir: PathBuf,
+    /// The program that runs an agent, and the arguments that come before `--config`.
     pub agent_bin: PathBuf,
+    pub agent_args: Vec<String>,
     pub members: Vec<Member>,
     pub volumes: Vec<VolumeDef>,
     pub secret_file: PathBuf,
@@ -94,6 +96,7 @@ impl LocalCluster {
         let c = LocalCluster {
             dir: dir.to_owned(),
             agent_bin: agent_bin.to_owned(),
+            agent_args: Vec::new(),
             members,
             volumes,
             secret_file,
@@ -146,6 +149,7 @@ impl LocalCluster {
         let m = &mut self.members[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(m.log_path())?;
         let child = Command::new(&self.agent_bin)
+            .args(&self.agent_args)
             .arg("--config")
             .arg(m.config_path())
             .env("PEERSAN_LOG", &self.log_filter)
@@ -281,17 +285,4 @@ pub fn read_replica_data(path: &Path) -> std::io::Result<Vec<u8>> {
     let mut d = std::fs::read(path)?;
     d.drain(..crate::replica::DATA_OFFSET as usize);
     Ok(d)
-}
-
-/// Finds a sibling binary of the running executable (cargo puts all of a workspace's
-/// binaries in one directory).
-pub fn sibling_binary(name: &str) -> std::io::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().ok_or_else(|| std::io::Error::other("executable has no directory"))?;
-    for cand in [dir.join(name), dir.join("..").join(name)] {
-        if cand.exists() {
-            return Ok(cand);
-        }
-    }
-    Err(std::io::Error::other(format!("{name} not found beside {}; build it with cargo build --bins", exe.display())))
 }

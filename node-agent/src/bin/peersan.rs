@@ -1,4 +1,7 @@
-//! `peersan`: the command-line client of the node agent API, and the demo.
+//! `peersan`: the command-line client of the node agent API, the demo, and the node agent
+//! itself (`peersan agent`, the same as `peersan-node-agent`).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -8,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use peersan_node_agent::api::{self, pb};
 use peersan_node_agent::config::ByteSize;
-use peersan_node_agent::localcluster::{LocalCluster, VolumeDef, read_replica_data, sibling_binary};
+use peersan_node_agent::localcluster::{LocalCluster, VolumeDef, read_replica_data};
 
 #[derive(Parser, Debug)]
 #[command(name = "peersan", version, about = "peersan: mirrored volumes from local disks")]
@@ -27,6 +30,8 @@ enum Cmd {
     Volume(VolumeCmd),
     /// Show the node the agent runs as.
     Node,
+    /// Run a node agent (the same as `peersan-node-agent`).
+    Agent(common::agent::AgentArgs),
     /// Run three agents on this machine and show mirroring, failover and resync.
     Demo {
         /// Keep the demo's directory (configs, logs, replicas) afterwards.
@@ -59,6 +64,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Demo { keep } => demo(keep),
+        Cmd::Agent(args) => common::agent::run_agent(args),
         cmd => tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(client(&cli.socket, cmd)),
     }
 }
@@ -94,7 +100,7 @@ async fn client(socket: &Path, cmd: Cmd) -> anyhow::Result<()> {
             c.delete_volume(pb::DeleteVolumeRequest { name: name.clone() }).await.map_err(status)?;
             println!("volume {name} deleted");
         }
-        Cmd::Demo { .. } => unreachable!("handled in main"),
+        Cmd::Demo { .. } | Cmd::Agent(_) => unreachable!("handled in main"),
     }
     Ok(())
 }
@@ -184,12 +190,14 @@ fn demo(keep: bool) -> anyhow::Result<()> {
         bail!("the demo writes through NBD with qemu-io; install it first (Debian: apt-get install qemu-utils)");
     }
     let t0 = Instant::now();
-    let agent = sibling_binary("peersan-node-agent")?;
+    // The agents are this very program (`peersan agent`), so the demo needs no other binary.
+    let agent = std::env::current_exe()?;
     let dir = std::env::temp_dir().join(format!("peersan-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     const MIB: u64 = 1 << 20;
     let vol = "demo";
     let mut cluster = LocalCluster::new(&dir, &agent, 3, vec![VolumeDef::new(vol, 64 * MIB, vec![0, 1, 2])])?;
+    cluster.agent_args = vec!["agent".into()];
     step(t0, &format!("starting 3 node agents in {}", dir.display()));
     cluster.start_all()?;
     let v = cluster.wait_healthy(0, vol, Duration::from_secs(20)).map_err(anyhow::Error::msg)?;

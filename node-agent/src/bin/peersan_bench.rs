@@ -1,6 +1,8 @@
 //! `peersan-bench`: measures peersan volumes against a local file and an unreplicated
 //! user-space NBD server (qemu-nbd) in the same run, with fio, and prints ratios.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -8,12 +10,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use peersan_node_agent::localcluster::{LocalCluster, VolumeDef, sibling_binary};
+use peersan_node_agent::localcluster::{LocalCluster, VolumeDef};
 use serde::Serialize;
 
 #[derive(Parser, Debug)]
 #[command(name = "peersan-bench", version, about = "fio benchmark of peersan volumes against local baselines")]
 struct Args {
+    #[command(subcommand)]
+    agent: Option<AgentCmd>,
     /// Size of the test file / volume.
     #[arg(long, default_value = "1GiB", value_parser = peersan_node_agent::config::ByteSize::parse)]
     size: peersan_node_agent::config::ByteSize,
@@ -32,6 +36,13 @@ struct Args {
     /// Also write the results as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum AgentCmd {
+    /// Run a node agent (the benchmark starts its agents this way).
+    #[command(hide = true)]
+    Agent(common::agent::AgentArgs),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -196,6 +207,9 @@ fn wait_for_socket(p: &Path) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if let Some(AgentCmd::Agent(args)) = a.agent {
+        return common::agent::run_agent(args);
+    }
     let dir = a.dir.clone().unwrap_or_else(|| PathBuf::from(format!("/var/tmp/peersan-bench-{}", std::process::id())));
     std::fs::create_dir_all(&dir)?;
     let size = a.size.0;
@@ -247,8 +261,9 @@ fn main() -> anyhow::Result<()> {
                 let n: usize = s[..1].parse()?;
                 let cdir = dir.join(s);
                 let _ = std::fs::remove_dir_all(&cdir);
-                let agent = sibling_binary("peersan-node-agent")?;
+                let agent = std::env::current_exe()?;
                 let mut c = LocalCluster::new(&cdir, &agent, n, vec![VolumeDef::new("bench", size, (0..n).collect())])?;
+                c.agent_args = vec!["agent".into()];
                 c.log_filter = "warn".into();
                 c.start_all()?;
                 c.wait_healthy(0, "bench", Duration::from_secs(30)).map_err(anyhow::Error::msg)?;

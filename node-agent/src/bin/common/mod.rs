@@ -1,0 +1,3 @@
+//! Code shared by the binaries.
+
+pub mod agent;
