@@ -157,6 +157,17 @@ fn state() -> ReplicaStateMsg {
     ReplicaStateMsg { consistent: true, generation: 1, size: 8 * MIB, outdated_peers: vec![], local_ok: true }
 }
 
+/// Connects to a node's peer port as "node-2" (knowing the secret) and opens "vol".
+async fn open_as_peer(addr: &str, secret: &[u8]) -> Framed<tokio::net::TcpStream, PeerCodec> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    client_handshake(&mut s, &peer_cfg("node-2", secret.to_vec())).await.unwrap();
+    let mut f = Framed::new(s, PeerCodec);
+    let open = Request::Open { volume: "vol".into(), from_node: "node-2".into(), state: state() };
+    f.send(Frame::Request { id: 1, req: open }).await.unwrap();
+    assert!(matches!(f.next().await, Some(Ok(Frame::Reply { id: 1, reply: Reply::Opened { .. } }))));
+    f
+}
+
 #[test]
 fn corrupted_and_malformed_peer_frames_are_refused() {
     if !have("qemu-io") {
@@ -170,16 +181,7 @@ fn corrupted_and_malformed_peer_frames_are_refused() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         // An authenticated peer (it knows the secret) sends a write whose payload fails its CRC.
-        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        client_handshake(&mut s, &peer_cfg("node-2", secret.clone())).await.unwrap();
-        let mut f = Framed::new(s, PeerCodec);
-        f.send(Frame::Request {
-            id: 1,
-            req: Request::Open { volume: "vol".into(), from_node: "node-2".into(), state: state() },
-        })
-        .await
-        .unwrap();
-        assert!(matches!(f.next().await, Some(Ok(Frame::Reply { id: 1, reply: Reply::Opened { .. } }))));
+        let mut f = open_as_peer(&addr, &secret).await;
         let write =
             |fill: u8| Request::Write { offset: 65536, flags: 0, insync: 3, sent: 3, data: vec![fill; 4096].into() };
         let mut buf = BytesMut::new();
@@ -211,16 +213,7 @@ fn corrupted_and_malformed_peer_frames_are_refused() {
         drop(f);
 
         // A frame with a corrupted header: the connection is closed.
-        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        client_handshake(&mut s, &peer_cfg("node-2", secret.clone())).await.unwrap();
-        let mut f = Framed::new(s, PeerCodec);
-        f.send(Frame::Request {
-            id: 1,
-            req: Request::Open { volume: "vol".into(), from_node: "node-2".into(), state: state() },
-        })
-        .await
-        .unwrap();
-        assert!(matches!(f.next().await, Some(Ok(Frame::Reply { id: 1, .. }))));
+        let mut f = open_as_peer(&addr, &secret).await;
         let mut buf = BytesMut::new();
         encode_request(6, &write(0x55), &mut buf).unwrap();
         buf[13] ^= 0xff; // inside the request id: header CRC mismatch
