@@ -24,6 +24,7 @@ fn fio_qd32_verify_three_way() {
         "--iodepth=32",
         "--size=32M",
         "--verify=crc32c",
+        "--verify_state_save=0",
         "--verify_fatal=1",
         "--do_verify=1",
         "--output-format=json",

@@ -27,6 +27,7 @@ fn peer_killed_during_fio_load_resyncs_and_converges() {
             "--size=40M",
             "--rate_iops=2000",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--verify_fatal=1",
             "--output-format=json",
         ])
