@@ -154,7 +154,9 @@ fn peer_cfg(name: &str, secret: Vec<u8>) -> HandshakeConfig {
 }
 
 fn state() -> ReplicaStateMsg {
-    ReplicaStateMsg { consistent: true, generation: 1, size: 8 * MIB, outdated_peers: vec![], local_ok: true }
+    // The state of a fresh, never-written replica, like the volume under test: opening the
+    // volume with it changes nothing on the node.
+    ReplicaStateMsg { consistent: true, generation: 0, size: 8 * MIB, outdated_peers: vec![], local_ok: true }
 }
 
 /// Connects to a node's peer port as "node-2" (knowing the secret) and opens "vol".

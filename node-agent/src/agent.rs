@@ -141,6 +141,7 @@ impl Node {
             },
             io_timeout: config.timeouts.peer_io,
             reconnect_max: Duration::from_secs(2),
+            resync_rate: config.resync.rate.0,
         });
         let node = Arc::new(Node {
             config,

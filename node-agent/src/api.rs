@@ -38,6 +38,10 @@ pub fn volume_pb(node: &Node, v: &Volume) -> pb::Volume {
             .into_iter()
             .map(|r| {
                 let resyncing = r.local && r.state == crate::engine::ReplicaState::CatchingUp;
+                let elapsed = progress.started.map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+                let rate = if resyncing && elapsed > 0.0 { (progress.done_bytes as f64 / elapsed) as u64 } else { 0 };
+                let eta =
+                    if rate > 0 { progress.total_bytes.saturating_sub(progress.done_bytes).div_ceil(rate) } else { 0 };
                 pb::Replica {
                     node: r.node,
                     local: r.local,
@@ -47,6 +51,8 @@ pub fn volume_pb(node: &Node, v: &Volume) -> pb::Volume {
                     resync_done_bytes: if resyncing { progress.done_bytes } else { 0 },
                     resync_total_bytes: if resyncing { progress.total_bytes } else { 0 },
                     path: r.path,
+                    resync_rate_bytes_per_sec: rate,
+                    resync_eta_seconds: eta,
                 }
             })
             .collect(),

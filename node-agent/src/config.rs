@@ -21,6 +21,8 @@
 //! timeouts:
 //!   peer_io: 5s
 //!   connect: 2s
+//! resync:
+//!   rate: 100MiB                  # per second and volume; 0 = unlimited
 //! ```
 //!
 //! Unknown keys are rejected by serde (the message names the key and its line); values are
@@ -52,6 +54,28 @@ pub struct Config {
     pub volumes: Vec<VolumeConfig>,
     #[serde(default)]
     pub timeouts: Timeouts,
+    #[serde(default)]
+    pub resync: ResyncConfig,
+}
+
+/// How resynchronisation may load the node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncConfig {
+    /// Bytes per second one volume's resync may copy (`0` = unlimited), so that foreground
+    /// I/O keeps its latency while a replica catches up.
+    #[serde(default = "default_resync_rate")]
+    pub rate: ByteSize,
+}
+
+fn default_resync_rate() -> ByteSize {
+    ByteSize(100 << 20)
+}
+
+impl Default for ResyncConfig {
+    fn default() -> Self {
+        Self { rate: default_resync_rate() }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -369,6 +393,7 @@ peers:
 volumes:
   - { name: v1, size: 64MiB, replicas: [a, b] }
 timeouts: { peer_io: 750ms }
+resync: { rate: 20MiB }
 "#;
 
     #[test]
@@ -377,6 +402,7 @@ timeouts: { peer_io: 750ms }
         assert_eq!(c.volumes[0].size, ByteSize(64 << 20));
         assert_eq!(c.timeouts.peer_io, Duration::from_millis(750));
         assert_eq!(c.timeouts.connect, Duration::from_secs(2));
+        assert_eq!(c.resync.rate, ByteSize(20 << 20));
     }
 
     fn err(text: &str) -> String {
@@ -404,6 +430,7 @@ timeouts: { peer_io: 750ms }
             ("\"127.0.0.1:7002\"", "nohost", "peers[0].address"),
             ("peer_io: 750ms", "peer_io: 1ms", "timeouts.peer_io"),
             ("peer_io: 750ms", "peer_io: 5 parsecs", "timeouts"),
+            ("rate: 20MiB", "rate: fast", "resync"),
         ];
         for (from, to, want) in cases {
             let e = err(&GOOD.replace(from, to));

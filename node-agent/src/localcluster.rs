@@ -74,6 +74,8 @@ pub struct LocalCluster {
     pub volumes: Vec<VolumeDef>,
     pub secret_file: PathBuf,
     pub peer_io_timeout: Duration,
+    /// Resync rate limit in bytes per second (None: the agent's default).
+    pub resync_rate: Option<u64>,
     pub log_filter: String,
 }
 
@@ -101,6 +103,7 @@ impl LocalCluster {
             volumes,
             secret_file,
             peer_io_timeout: Duration::from_secs(3),
+            resync_rate: None,
             log_filter: "info".into(),
         };
         c.write_configs()?;
@@ -121,6 +124,9 @@ impl LocalCluster {
             y += &format!("pool:\n  path: {}\n", m.pool().display());
             y += &format!("secret_file: {}\n", self.secret_file.display());
             y += &format!("timeouts:\n  peer_io: {}ms\n  connect: 1s\n", self.peer_io_timeout.as_millis());
+            if let Some(rate) = self.resync_rate {
+                y += &format!("resync:\n  rate: {rate}\n");
+            }
             y += "peers:\n";
             for (j, p) in self.members.iter().enumerate() {
                 if j != i {

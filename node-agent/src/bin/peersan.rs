@@ -123,11 +123,15 @@ fn volume_table(vols: &[pb::Volume]) -> String {
         for (k, r) in v.replicas.iter().enumerate() {
             let first = k == 0;
             let resync = if r.resync_total_bytes > 0 {
-                format!(
+                let mut s = format!(
                     "{:.0}% of {}",
                     100.0 * r.resync_done_bytes as f64 / r.resync_total_bytes as f64,
                     human(r.resync_total_bytes)
-                )
+                );
+                if r.resync_rate_bytes_per_sec > 0 {
+                    s += &format!(" at {}/s, ETA {} s", human(r.resync_rate_bytes_per_sec), r.resync_eta_seconds);
+                }
+                s
             } else {
                 "-".into()
             };

@@ -49,6 +49,8 @@ pub struct NodeCtx {
     pub handshake: HandshakeConfig,
     pub io_timeout: Duration,
     pub reconnect_max: Duration,
+    /// Resync copy rate per volume in bytes per second; 0 = unlimited.
+    pub resync_rate: u64,
 }
 
 /// A volume's identity: name, size and its replicas' nodes (sorted; the index in this list
@@ -968,7 +970,17 @@ impl Volume {
         conn: &Arc<PeerConn>,
         ranges: Vec<(u64, u64)>,
     ) -> Result<(), String> {
+        // Pace the copy: a chunk is requested no earlier than the time by which the copy,
+        // including this chunk, is within the configured rate.
+        let start = tokio::time::Instant::now();
+        let scheduled = std::sync::atomic::AtomicU64::new(0);
+        let rate = self.ctx.resync_rate;
+        let scheduled = &scheduled;
         let mut s = futures::stream::iter(ranges.into_iter().map(|(off, len)| async move {
+            let upto = scheduled.fetch_add(len, Ordering::Relaxed) + len;
+            if rate > 0 {
+                tokio::time::sleep_until(start + Duration::from_secs_f64(upto as f64 / rate as f64)).await;
+            }
             let reply = conn.call(Request::Read { offset: off, len: len as u32 }).await.map_err(|e| e.to_string())?;
             let Reply::Data { data } = reply else { return Err(format!("unexpected reply {reply:?}")) };
             if data.len() as u64 != len {
