@@ -88,11 +88,10 @@ fn peer_that_stops_answering_is_dropped_after_the_timeout() {
         return;
     }
     let size = 16 * MIB;
-    let dir = tempfile::Builder::new().prefix("peersan-e2e-").tempdir_in(test_tmp()).unwrap();
-    let mut c = LocalCluster::new(dir.path(), &agent_bin(), 2, vec![VolumeDef::new("vol", size, vec![0, 1])]).unwrap();
-    c.peer_io_timeout = Duration::from_secs(2);
-    c.write_configs().unwrap();
-    c.start_all().unwrap();
+    let dir = test_dir();
+    let mut c = start_cluster(dir.path(), 2, vec![VolumeDef::new("vol", size, vec![0, 1])], |c| {
+        c.peer_io_timeout = Duration::from_secs(2)
+    });
     c.wait_healthy(0, "vol", Duration::from_secs(20)).unwrap();
     let mut image = Image::new(size);
     random_writes(&c.members[0].nbd_uri("vol"), &mut image, 20, 61, dir.path());

@@ -101,14 +101,11 @@ fn replica_returning_eio_fails_over_to_peer() {
         return;
     }
     let size = 32 * MIB;
-    let dir = tempfile::Builder::new().prefix("peersan-e2e-").tempdir_in(test_tmp()).unwrap();
+    let dir = test_dir();
     let dev = FailingDisk::new(dir.path(), size + 2 * MIB);
     let mut vol = VolumeDef::new("vol", size, vec![0, 1]);
     vol.devices.push((0, dev.path()));
-    let mut c = LocalCluster::new(dir.path(), &agent_bin(), 2, vec![vol]).unwrap();
-    c.peer_io_timeout = Duration::from_secs(5);
-    c.write_configs().unwrap();
-    c.start_all().unwrap();
+    let mut c = start_cluster(dir.path(), 2, vec![vol], |_| {});
     c.wait_healthy(0, "vol", Duration::from_secs(20)).unwrap();
     let mut image = Image::new(size);
     random_writes(&c.members[0].nbd_uri("vol"), &mut image, 60, 31, dir.path());

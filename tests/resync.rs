@@ -12,12 +12,9 @@ fn resync_is_rate_limited_reports_progress_and_keeps_foreground_writes() {
     }
     let size = 48 * MIB;
     let rate = 12 * MIB;
-    let dir = tempfile::Builder::new().prefix("peersan-e2e-").tempdir_in(test_tmp()).unwrap();
-    let mut c = LocalCluster::new(dir.path(), &agent_bin(), 2, vec![VolumeDef::new("vol", size, vec![0, 1])]).unwrap();
-    c.resync_rate = Some(rate);
-    c.peer_io_timeout = Duration::from_secs(5);
-    c.write_configs().unwrap();
-    c.start_all().unwrap();
+    let dir = test_dir();
+    let mut c =
+        start_cluster(dir.path(), 2, vec![VolumeDef::new("vol", size, vec![0, 1])], |c| c.resync_rate = Some(rate));
     c.wait_healthy(0, "vol", Duration::from_secs(20)).unwrap();
     let mut image = Image::new(size);
     random_writes(&c.members[0].nbd_uri("vol"), &mut image, 40, 71, dir.path());

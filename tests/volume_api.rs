@@ -22,9 +22,8 @@ fn create_list_use_and_delete_a_volume_through_the_cli() {
     if !have("qemu-io") {
         return;
     }
-    let dir = tempfile::Builder::new().prefix("peersan-e2e-").tempdir_in(test_tmp()).unwrap();
-    let mut c = LocalCluster::new(dir.path(), &agent_bin(), 3, vec![]).unwrap();
-    c.start_all().unwrap();
+    let dir = test_dir();
+    let mut c = start_cluster(dir.path(), 3, vec![], |_| {});
 
     let (ok, out) = cli(&c, 0, &["volume", "create", "data", "--size", "16MiB", "--replicas", "node-1,node-2"]);
     assert!(ok, "{out}");

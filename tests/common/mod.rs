@@ -36,15 +36,32 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
-/// A cluster of `n` nodes in a temporary directory with one volume on the given nodes.
-pub fn cluster(n: usize, volume: &str, size: u64, nodes: &[usize]) -> (tempfile::TempDir, LocalCluster) {
-    let dir = tempfile::Builder::new().prefix("peersan-e2e-").tempdir_in(test_tmp()).unwrap();
-    let mut c =
-        LocalCluster::new(dir.path(), &agent_bin(), n, vec![VolumeDef::new(volume, size, nodes.to_vec())]).unwrap();
+/// A fresh directory for one test's cluster.
+pub fn test_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("peersan-e2e-").tempdir_in(test_tmp()).unwrap()
+}
+
+/// Lays out and starts `n` agents in `dir` with `volumes`; `tune` adjusts the cluster's
+/// settings before the configurations are written.
+pub fn start_cluster(
+    dir: &Path,
+    n: usize,
+    volumes: Vec<VolumeDef>,
+    tune: impl FnOnce(&mut LocalCluster),
+) -> LocalCluster {
+    let mut c = LocalCluster::new(dir, &agent_bin(), n, volumes).unwrap();
     c.log_filter = "info,peersan_node_agent=debug".into();
     c.peer_io_timeout = Duration::from_secs(5);
+    tune(&mut c);
     c.write_configs().unwrap();
     c.start_all().unwrap();
+    c
+}
+
+/// A cluster of `n` nodes in a temporary directory with one volume on the given nodes.
+pub fn cluster(n: usize, volume: &str, size: u64, nodes: &[usize]) -> (tempfile::TempDir, LocalCluster) {
+    let dir = test_dir();
+    let c = start_cluster(dir.path(), n, vec![VolumeDef::new(volume, size, nodes.to_vec())], |_| {});
     (dir, c)
 }
 
