@@ -13,7 +13,7 @@ use crate::engine::{NodeCtx, Volume, VolumeSpec};
 use crate::nbd::{ExportInfo, Exports};
 use crate::peer::handshake::HandshakeConfig;
 use crate::peer::server::VolumeLookup;
-use crate::replica::{BLOCK_SIZE, Replica};
+use crate::replica::{BLOCK_SIZE, Replica, ReplicaError};
 
 /// Record of the volumes whose replicas this node created, kept in the pool directory.
 /// It tells a lost replica (recreate it empty and resynchronise in full) from a new one,
@@ -208,7 +208,17 @@ impl Node {
                 existing: format!("{} bytes on {:?}", r.size, r.replicas),
             });
         }
-        let exists = if v.device.is_some() { Replica::open(&path, &v.name, size).is_ok() } else { path.exists() };
+        let exists = match &v.device {
+            // A device holds a replica when its metadata says so. A blank or foreign-looking
+            // device is initialised; one that holds another volume's replica is never
+            // overwritten.
+            Some(_) => match Replica::open(&path, &v.name, size) {
+                Ok(_) => true,
+                Err(ReplicaError::NotAReplica { .. }) => false,
+                Err(e) => return Err(e.into()),
+            },
+            None => path.exists(),
+        };
         let (replica, detail) = if exists {
             match Replica::open(&path, &v.name, size) {
                 Ok(r) => (Some(Arc::new(r)), String::new()),
