@@ -342,7 +342,8 @@ impl Volume {
         if idxs.is_empty() {
             return;
         }
-        let Some((replica, _)) = self.local_replica() else { return };
+        // A failed disk records nothing; the replicas that executed the write do.
+        let Some((replica, _)) = self.local_replica().filter(|(_, s)| *s != ReplicaState::Failed) else { return };
         let names: Vec<String> = idxs.iter().map(|&i| self.spec.replicas[i].clone()).collect();
         match replica.update_meta(|m| {
             let before = m.outdated_peers.len();
