@@ -45,7 +45,9 @@ pub const MAX_RANGES: usize = 1 << 20;
 
 /// Write flags
 pub const WF_FUA: u8 = 1; // durable before reply
-pub const WF_RESYNC: u8 = 2; // resync copy, not a foreground write
+/// Marks a resync copy pushed by a source. Resync pulls with `Read` today, so the engine never
+/// sets it; it is part of the format so that a pushing source can be added compatibly.
+pub const WF_RESYNC: u8 = 2;
 /// All write flags defined by protocol version 1; any other bit is rejected.
 pub const WF_ALL: u8 = WF_FUA | WF_RESYNC;
 
