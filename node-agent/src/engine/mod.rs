@@ -147,6 +147,8 @@ impl Op {
 pub struct Volume {
     spec: VolumeSpec,
     me: usize,
+    /// Bitmask of every replica index but this node's.
+    all_peers: u32,
     ctx: Arc<NodeCtx>,
     local: Mutex<Local>,
     links: Vec<Option<Link>>,
@@ -228,6 +230,7 @@ impl Volume {
             attempts: AtomicUsize::new(0),
             settled: Notify::new(),
             next_read: AtomicUsize::new(0),
+            all_peers: (((1u64 << spec.replicas.len()) - 1) as u32) & !(1 << me),
             spec,
             me,
             ctx,
@@ -334,14 +337,16 @@ impl Volume {
         }
     }
 
-    /// Records durably that the replicas in `idxs` missed writes. Must complete before a
-    /// write they missed is acknowledged.
+    /// Records durably that the replicas in the bitmask `missed` (this node's bit ignored)
+    /// missed writes. Must complete before a write they missed is acknowledged.
     /// `sender` is the peer whose write revealed it, if any: its connections are left open
     /// (it is the writer, and knows the state it sent).
-    fn flag_outdated(&self, idxs: &[usize], sender: Option<usize>) {
-        if idxs.is_empty() {
+    fn flag_outdated(&self, missed: u32, sender: Option<usize>) {
+        let missed = missed & self.all_peers;
+        if missed == 0 {
             return;
         }
+        let idxs: Vec<usize> = (0..self.spec.replicas.len()).filter(|i| missed & (1 << i) != 0).collect();
         // A failed disk records nothing; the replicas that executed the write do.
         let Some((replica, _)) = self.local_replica().filter(|(_, s)| *s != ReplicaState::Failed) else { return };
         let names: Vec<String> = idxs.iter().map(|&i| self.spec.replicas[i].clone()).collect();
@@ -358,7 +363,7 @@ impl Volume {
         }) {
             Ok(true) => {
                 tracing::warn!(volume = %self.spec.name, peers = ?names, "replicas missed writes; recorded as outdated");
-                for &i in idxs {
+                for &i in &idxs {
                     if let Some(link) = self.link(i) {
                         let mut li = link.inner.lock().unwrap();
                         if li.state == ReplicaState::InSync {
@@ -591,13 +596,13 @@ impl Volume {
         local: Option<(std::io::Result<()>, bool)>,
     ) -> bool {
         let mut done_in_sync = false;
-        let mut failed = Vec::new();
+        let mut failed = 0u32;
         for (t, res) in targets.iter().zip(peer_results) {
             match res {
                 Ok(_) => done_in_sync |= t.in_sync,
                 Err(e) => {
                     self.drop_link(t.idx, &e);
-                    failed.push(t.idx);
+                    failed |= 1 << t.idx;
                 }
             }
         }
@@ -606,7 +611,7 @@ impl Volume {
             Some((Err(e), _)) => self.local_failed(&e),
             None => {}
         }
-        self.flag_outdated(&failed, None);
+        self.flag_outdated(failed, None);
         done_in_sync
     }
 
@@ -631,9 +636,7 @@ impl Volume {
                 insync |= 1 << t.idx;
             }
         }
-        let missing: Vec<usize> =
-            (0..self.spec.replicas.len()).filter(|i| sent & (1 << i) == 0 && *i != self.me).collect();
-        self.flag_outdated(&missing, None);
+        self.flag_outdated(!sent, None);
 
         let local_fut = async {
             match &local {
@@ -831,9 +834,7 @@ impl Volume {
         if let Err(e) = check_range(offset, len, self.spec.size) {
             return Reply::Error { code: ErrorCode::OutOfRange, message: e.message };
         }
-        let missing: Vec<usize> =
-            (0..self.spec.replicas.len()).filter(|i| sent & (1 << i) == 0 && *i != self.me).collect();
-        self.flag_outdated(&missing, Some(from));
+        self.flag_outdated(!sent, Some(from));
         match self.local_replica() {
             Some((r, s)) if s.receives_writes() => match self.apply_local(&r, &op).await {
                 Ok(()) => Reply::Ok,
