@@ -1,5 +1,7 @@
 //! A cluster of node agents on this machine, each a separate process with its own pool,
-//! talking TCP on 127.0.0.1. Used by the demo, the benchmark and the end-to-end tests.
+//! talking TCP on 127.0.0.1 (or, for fault tests, each in a network namespace of its own:
+//! see [`Member::netns`] and [`Member::reach`]). Used by the demo, the benchmark and the
+//! end-to-end tests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,6 +32,12 @@ pub struct Member {
     pub peer_port: u16,
     pub dir: PathBuf,
     pub child: Option<Child>,
+    /// Network namespace the agent runs in (`ip netns exec`); None: the caller's.
+    pub netns: Option<String>,
+    /// Address the agent's peer listener binds.
+    pub listen_host: String,
+    /// For each member index, the address this member reaches it at.
+    pub reach: Vec<String>,
 }
 
 impl Member {
@@ -93,6 +101,9 @@ impl LocalCluster {
                 peer_port: ports[i],
                 dir: dir.join(format!("node-{}", i + 1)),
                 child: None,
+                netns: None,
+                listen_host: "127.0.0.1".into(),
+                reach: vec!["127.0.0.1".into(); n],
             })
             .collect();
         let c = LocalCluster {
@@ -116,7 +127,8 @@ impl LocalCluster {
             let mut y = String::new();
             y += &format!("node:\n  name: {}\n", m.name);
             y += &format!(
-                "listen:\n  peer: \"127.0.0.1:{}\"\n  api: {}\n  nbd_unix: {}\n",
+                "listen:\n  peer: \"{}:{}\"\n  api: {}\n  nbd_unix: {}\n",
+                m.listen_host,
                 m.peer_port,
                 m.api_socket().display(),
                 m.nbd_socket().display()
@@ -130,7 +142,7 @@ impl LocalCluster {
             y += "peers:\n";
             for (j, p) in self.members.iter().enumerate() {
                 if j != i {
-                    y += &format!("  - name: {}\n    address: \"127.0.0.1:{}\"\n", p.name, p.peer_port);
+                    y += &format!("  - name: {}\n    address: \"{}:{}\"\n", p.name, m.reach[j], p.peer_port);
                 }
             }
             let mine: Vec<&VolumeDef> = self.volumes.iter().filter(|v| v.nodes.contains(&i)).collect();
@@ -154,7 +166,15 @@ impl LocalCluster {
     fn spawn(&mut self, i: usize) -> std::io::Result<()> {
         let m = &mut self.members[i];
         let log = std::fs::OpenOptions::new().create(true).append(true).open(m.log_path())?;
-        let child = Command::new(&self.agent_bin)
+        let mut cmd = match &m.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.agent_bin);
+                c
+            }
+            None => Command::new(&self.agent_bin),
+        };
+        let child = cmd
             .args(&self.agent_args)
             .arg("--config")
             .arg(m.config_path())
