@@ -60,9 +60,8 @@ fn replicas_on_loop_devices() {
         c.stop(i);
     }
     for d in &devs {
-        let all = std::fs::read(&d.path).unwrap();
-        let data = &all[peersan_node_agent::replica::DATA_OFFSET as usize..][..size as usize];
-        assert_same(&format!("device {}", d.path), data, &image.data);
+        let data = read_replica_data(std::path::Path::new(&d.path)).unwrap();
+        assert_same(&format!("device {}", d.path), &data, &image.data);
     }
 
     // A device that holds another volume's replica is never taken over.
@@ -74,10 +73,6 @@ fn replicas_on_loop_devices() {
     assert!(err.contains("exited"), "{err}");
     let log = std::fs::read_to_string(o.members[0].log_path()).unwrap();
     assert!(log.contains("belongs to volume \"vol\""), "{log}");
-    let all = std::fs::read(&devs[0].path).unwrap();
-    assert_same(
-        "device after the refused start",
-        &all[peersan_node_agent::replica::DATA_OFFSET as usize..][..size as usize],
-        &image.data,
-    );
+    let data = read_replica_data(std::path::Path::new(&devs[0].path)).unwrap();
+    assert_same("device after the refused start", &data, &image.data);
 }

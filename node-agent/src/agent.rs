@@ -234,7 +234,7 @@ impl Node {
             if replaced {
                 tracing::warn!(volume = %v.name, path = %path.display(), "local replica is missing; creating an empty one for a full resync");
             }
-            let r = Replica::create(&path, &v.name, size, !replaced, v.device.is_some())?;
+            let r = Replica::create(&path, &v.name, size, replicas.len() as u32, !replaced, v.device.is_some())?;
             (Some(Arc::new(r)), String::new())
         };
         if recorded.is_none() {

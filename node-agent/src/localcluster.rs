@@ -308,7 +308,5 @@ impl Drop for LocalCluster {
 
 /// Reads the data area of a replica file (without its metadata).
 pub fn read_replica_data(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut d = std::fs::read(path)?;
-    d.drain(..crate::replica::DATA_OFFSET as usize);
-    Ok(d)
+    crate::replica::read_data(path).map_err(std::io::Error::other)
 }

@@ -4,14 +4,22 @@
 //! ## On-disk layout
 //!
 //! ```text
-//! offset 0       metadata slot A (4 KiB)
-//! offset 4096    metadata slot B (4 KiB)
-//! offset 1 MiB   data: `size` bytes, block size 4 KiB
+//! offset 0        metadata slot A (4 KiB)
+//! offset 4096     metadata slot B (4 KiB)
+//! offset 8192     activity log slot A (4 KiB)
+//! offset 12288    activity log slot B (4 KiB)
+//! offset 16384    out-of-sync bitmaps, one per replica of the volume (index = the replica's
+//!                 index in the volume's sorted replica list), each `bitmap_bytes(size)`
+//! data_offset     data: `size` bytes, block size 4 KiB; data_offset is the end of the
+//!                 bitmaps rounded up to 1 MiB (1 MiB for volumes up to 10 GiB with 2-3
+//!                 replicas)
 //! ```
 //!
 //! Metadata updates alternate between the two slots, each carrying a sequence number and a
 //! CRC32C, and are made durable with `fdatasync`; on open the valid slot with the highest
-//! sequence wins, so a torn metadata write never loses the previous state.
+//! sequence wins, so a torn metadata write never loses the previous state. The activity log
+//! slots work the same way. Bitmap pages are plain bit arrays (see `engine::bitmap`); the
+//! engine writes a page before the activity log stops covering the region it describes.
 //!
 //! ## Local I/O
 //!
@@ -35,11 +43,34 @@ use rustix::io::{Errno, ReadWriteFlags};
 
 /// Block size of every replica.
 pub const BLOCK_SIZE: u64 = 4096;
-/// Offset of the data area.
-pub const DATA_OFFSET: u64 = 1 << 20;
 const SLOT_SIZE: usize = 4096;
 const MAGIC: &[u8; 8] = b"PSANREPL";
-const FORMAT_VERSION: u32 = 1;
+const AL_MAGIC: &[u8; 8] = b"PSANALOG";
+const FORMAT_VERSION: u32 = 2;
+const AL_OFFSET: u64 = 2 * SLOT_SIZE as u64;
+const BITMAPS_OFFSET: u64 = 4 * SLOT_SIZE as u64;
+/// Most extents one activity log slot holds.
+pub const AL_MAX_EXTENTS: usize = (SLOT_SIZE - 8 - 8 - 4 - 4) / 4;
+
+/// Where the parts of a replica live on its file or device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub bitmaps: u32,
+    pub bitmap_bytes: u64,
+    pub data_offset: u64,
+}
+
+impl Layout {
+    pub fn new(size: u64, bitmaps: u32) -> Layout {
+        let bitmap_bytes = crate::engine::bitmap::bitmap_bytes(size);
+        let end = BITMAPS_OFFSET + u64::from(bitmaps) * bitmap_bytes;
+        Layout { bitmaps, bitmap_bytes, data_offset: end.div_ceil(1 << 20) * (1 << 20) }
+    }
+
+    fn bitmap_offset(&self, k: u32) -> u64 {
+        BITMAPS_OFFSET + u64::from(k) * self.bitmap_bytes
+    }
+}
 const MAX_NAME: usize = 253;
 
 /// Persistent state of a replica, stored in its metadata area.
@@ -56,6 +87,17 @@ pub struct ReplicaMeta {
     pub consistent: bool,
     /// Replicas that this replica knows missed writes (sorted, no duplicates).
     pub outdated_peers: Vec<String>,
+    /// Number of replicas of the volume, and so of out-of-sync bitmaps.
+    pub replicas: u32,
+    /// Newest write-priority epoch this replica has seen, and the node holding it ("" = the
+    /// volume's first replica, at epoch 0).
+    pub epoch: u64,
+    pub holder: String,
+    /// The engine shut down cleanly: bitmaps on disk are complete and the activity log need
+    /// not be replayed.
+    pub clean: bool,
+    /// The replica was created to replace a lost one and needs a full copy.
+    pub needs_full: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +126,7 @@ impl ReplicaMeta {
         b.extend_from_slice(&seq.to_le_bytes());
         b.extend_from_slice(&self.size.to_le_bytes());
         b.extend_from_slice(&self.block_size.to_le_bytes());
-        b.extend_from_slice(&DATA_OFFSET.to_le_bytes());
+        b.extend_from_slice(&Layout::new(self.size, self.replicas).data_offset.to_le_bytes());
         b.extend_from_slice(&self.generation.to_le_bytes());
         b.push(u8::from(self.consistent));
         put_str(&mut b, &self.volume)?;
@@ -94,6 +136,10 @@ impl ReplicaMeta {
         for p in &self.outdated_peers {
             put_str(&mut b, p)?;
         }
+        b.extend_from_slice(&self.replicas.to_le_bytes());
+        b.extend_from_slice(&self.epoch.to_le_bytes());
+        put_str(&mut b, &self.holder)?;
+        b.push(u8::from(self.clean) | (u8::from(self.needs_full) << 1));
         if b.len() + 4 > SLOT_SIZE {
             return Err(ReplicaError::Invalid("metadata does not fit in its slot".into()));
         }
@@ -125,12 +171,35 @@ impl ReplicaMeta {
         for _ in 0..n {
             outdated_peers.push(r.str()?);
         }
+        let replicas = r.u32()?;
+        let epoch = r.u64()?;
+        let holder = r.str()?;
+        let flags = r.take(1)?[0];
         let end = r.pos;
         let crc = r.u32()?;
-        if crc32c::crc32c(&slot[..end]) != crc || data_offset != DATA_OFFSET {
+        if crc32c::crc32c(&slot[..end]) != crc
+            || replicas == 0
+            || replicas > 32
+            || data_offset != Layout::new(size, replicas).data_offset
+        {
             return None;
         }
-        Some(Ok((seq, ReplicaMeta { volume, size, block_size, generation, consistent, outdated_peers })))
+        Some(Ok((
+            seq,
+            ReplicaMeta {
+                volume,
+                size,
+                block_size,
+                generation,
+                consistent,
+                outdated_peers,
+                replicas,
+                epoch,
+                holder,
+                clean: flags & 1 != 0,
+                needs_full: flags & 2 != 0,
+            },
+        )))
     }
 }
 
@@ -175,7 +244,9 @@ pub struct Replica {
     file: Arc<File>,
     size: u64,
     is_device: bool,
+    layout: Layout,
     meta: Mutex<(u64, ReplicaMeta)>,
+    al_seq: std::sync::atomic::AtomicU64,
     /// Whether `RWF_NOWAIT` works for writes on this file (cleared at the first EOPNOTSUPP).
     nowait_writes: AtomicBool,
 }
@@ -197,7 +268,8 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ReplicaError + '_ {
 impl Replica {
     /// Creates a replica at `path` (a new sparse file, or an existing block device whose
     /// metadata area is overwritten). `consistent` is false for a replica that replaces a
-    /// lost one and must be resynchronised in full before it is read.
+    /// lost one and must be resynchronised in full before it is read. `replicas` is the
+    /// number of replicas of the volume (one out-of-sync bitmap each).
     ///
     /// With `in_place`, `path` is an existing block device or file that is used as it is
     /// (a device given in the configuration); otherwise a new sparse file is created.
@@ -205,12 +277,18 @@ impl Replica {
         path: &Path,
         volume: &str,
         size: u64,
+        replicas: u32,
         consistent: bool,
         in_place: bool,
     ) -> Result<Replica, ReplicaError> {
         if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
             return Err(ReplicaError::Invalid(format!("size {size} is not a positive multiple of {BLOCK_SIZE}")));
         }
+        if replicas == 0 || replicas > 32 {
+            return Err(ReplicaError::Invalid(format!("{replicas} replicas: 1 to 32 are supported")));
+        }
+        let layout = Layout::new(size, replicas);
+        let data_offset = layout.data_offset;
         let is_device = std::fs::metadata(path).map(|m| m.file_type().is_block_device()).unwrap_or(false);
         let file = if is_device || in_place {
             OpenOptions::new().read(true).write(true).open(path).map_err(io_err(path))?
@@ -223,15 +301,17 @@ impl Replica {
                 .truncate(true)
                 .open(&tmp)
                 .map_err(io_err(&tmp))?;
-            f.set_len(DATA_OFFSET + size).map_err(io_err(&tmp))?;
+            f.set_len(data_offset + size).map_err(io_err(&tmp))?;
             std::fs::rename(&tmp, path).map_err(io_err(path))?;
             f
         };
         if is_device || in_place {
             let available = device_size(&file).map_err(io_err(path))?;
-            if available < DATA_OFFSET + size {
-                return Err(ReplicaError::DeviceTooSmall { path: path.into(), available, needed: DATA_OFFSET + size });
+            if available < data_offset + size {
+                return Err(ReplicaError::DeviceTooSmall { path: path.into(), available, needed: data_offset + size });
             }
+            // A device may hold an earlier user's bytes: blank the activity log and bitmaps.
+            write_zeros(&file, AL_OFFSET, data_offset - AL_OFFSET).map_err(io_err(path))?;
         }
         let meta = ReplicaMeta {
             volume: volume.to_owned(),
@@ -240,13 +320,20 @@ impl Replica {
             generation: 0,
             consistent,
             outdated_peers: Vec::new(),
+            replicas,
+            epoch: 0,
+            holder: String::new(),
+            clean: true,
+            needs_full: !consistent,
         };
         let r = Replica {
             path: path.to_owned(),
             file: Arc::new(file),
             size,
             is_device,
+            layout,
             meta: Mutex::new((0, meta.clone())),
+            al_seq: 0.into(),
             nowait_writes: AtomicBool::new(true),
         };
         // Write both slots so that a stale header from an earlier use of a device can't win.
@@ -281,14 +368,115 @@ impl Replica {
         if meta.size != size {
             return Err(ReplicaError::WrongSize { path: path.into(), found: meta.size, expected: size });
         }
-        Ok(Replica {
+        let layout = Layout::new(size, meta.replicas);
+        let r = Replica {
             path: path.to_owned(),
             file: Arc::new(file),
             size,
             is_device,
+            layout,
             meta: Mutex::new((seq, meta)),
+            al_seq: 0.into(),
             nowait_writes: AtomicBool::new(true),
-        })
+        };
+        let (al_seq, _) = r.read_al_slots();
+        r.al_seq.store(al_seq, Ordering::Relaxed);
+        Ok(r)
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// Reads out-of-sync bitmap `k` (the bitmap of the replica with index `k`).
+    pub fn read_bitmap(&self, k: u32) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.layout.bitmap_bytes as usize];
+        if k < self.layout.bitmaps {
+            read_exact_at(&self.file, &mut buf, self.layout.bitmap_offset(k))?;
+        }
+        Ok(buf)
+    }
+
+    /// Writes pages `(index, bytes)` of bitmap `k` and makes them durable.
+    pub fn write_bitmap_pages(&self, k: u32, pages: &[(usize, Vec<u8>)]) -> io::Result<()> {
+        if k >= self.layout.bitmaps || pages.is_empty() {
+            return Ok(());
+        }
+        let base = self.layout.bitmap_offset(k);
+        for (i, bytes) in pages {
+            write_all_at(&self.file, bytes, base + (*i * crate::engine::bitmap::PAGE_BYTES) as u64)?;
+        }
+        rustix::fs::fdatasync(&*self.file).map_err(io::Error::from)
+    }
+
+    /// The newest valid activity log slot: (sequence, extents).
+    fn read_al_slots(&self) -> (u64, Vec<u32>) {
+        let mut slots = vec![0u8; 2 * SLOT_SIZE];
+        if read_exact_at(&self.file, &mut slots, AL_OFFSET).is_err() {
+            return (0, vec![]);
+        }
+        let mut best: (u64, Vec<u32>) = (0, vec![]);
+        for slot in slots.chunks(SLOT_SIZE) {
+            let mut r = Reader { b: slot, pos: 0 };
+            let parsed = (|| {
+                if r.take(8)? != AL_MAGIC {
+                    return None;
+                }
+                let seq = r.u64()?;
+                let n = r.u32()? as usize;
+                if n > AL_MAX_EXTENTS {
+                    return None;
+                }
+                let mut ext = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ext.push(r.u32()?);
+                }
+                let end = r.pos;
+                (crc32c::crc32c(&slot[..end]) == r.u32()?).then_some((seq, ext))
+            })();
+            if let Some((seq, ext)) = parsed
+                && seq > best.0
+            {
+                best = (seq, ext);
+            }
+        }
+        best
+    }
+
+    /// The extents of the activity log as last written.
+    pub fn read_al(&self) -> Vec<u32> {
+        self.read_al_slots().1
+    }
+
+    /// Writes the activity log (the extents that may hold writes in flight) durably, in the
+    /// slot not holding the newest copy.
+    pub fn write_al(&self, extents: &[u32]) -> io::Result<()> {
+        if extents.len() > AL_MAX_EXTENTS {
+            return Err(io::Error::other(format!(
+                "activity log of {} extents exceeds {AL_MAX_EXTENTS}",
+                extents.len()
+            )));
+        }
+        let seq = self.al_seq.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut b = Vec::with_capacity(SLOT_SIZE);
+        b.extend_from_slice(AL_MAGIC);
+        b.extend_from_slice(&seq.to_le_bytes());
+        b.extend_from_slice(&(extents.len() as u32).to_le_bytes());
+        for e in extents {
+            b.extend_from_slice(&e.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b.resize(SLOT_SIZE, 0);
+        let pos = AL_OFFSET + (seq % 2) * SLOT_SIZE as u64;
+        loop {
+            match rustix::io::pwritev2(&*self.file, &[IoSlice::new(&b)], pos, ReadWriteFlags::DSYNC) {
+                Ok(n) if n == b.len() => return Ok(()),
+                Ok(_) => return write_all_at(&self.file, &b, pos).and_then(|()| self.file.sync_data()),
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -333,7 +521,7 @@ impl Replica {
     /// Reads `len` bytes at volume offset `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
         let mut buf = BytesMut::zeroed(len);
-        let pos = DATA_OFFSET + offset;
+        let pos = self.layout.data_offset + offset;
         match rustix::io::preadv2(&*self.file, &mut [IoSliceMut::new(&mut buf)], pos, ReadWriteFlags::NOWAIT) {
             Ok(n) if n == len => return Ok(buf.freeze()),
             Ok(_) | Err(Errno::AGAIN) | Err(Errno::OPNOTSUPP) => {}
@@ -350,7 +538,7 @@ impl Replica {
 
     /// Writes `data` at volume offset `offset`; with `fua` the data is durable on return.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
-        let pos = DATA_OFFSET + offset;
+        let pos = self.layout.data_offset + offset;
         if !fua {
             let inline = if self.nowait_writes.load(Ordering::Relaxed) {
                 rustix::io::pwritev2(&*self.file, &[IoSlice::new(&data)], pos, ReadWriteFlags::NOWAIT)
@@ -397,7 +585,7 @@ impl Replica {
     /// Zeroes `[offset, offset + len)`; with `punch` the space is also released (trim).
     pub async fn zero(&self, offset: u64, len: u64, punch: bool, fua: bool) -> io::Result<()> {
         let file = self.file.clone();
-        let pos = DATA_OFFSET + offset;
+        let pos = self.layout.data_offset + offset;
         tokio::task::spawn_blocking(move || {
             let flags = if punch {
                 FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE
@@ -460,6 +648,27 @@ fn read_exact_at(file: &File, mut buf: &mut [u8], mut pos: u64) -> io::Result<()
     Ok(())
 }
 
+/// Reads the data area of a replica file (without its metadata area), e.g. to compare
+/// replicas byte for byte.
+pub fn read_data(path: &Path) -> Result<Vec<u8>, ReplicaError> {
+    let (size, replicas) = {
+        let mut slots = vec![0u8; 2 * SLOT_SIZE];
+        let f = File::open(path).map_err(io_err(path))?;
+        read_exact_at(&f, &mut slots, 0).map_err(io_err(path))?;
+        slots
+            .chunks(SLOT_SIZE)
+            .filter_map(|s| ReplicaMeta::decode(s).and_then(Result::ok))
+            .max_by_key(|(seq, _)| *seq)
+            .map(|(_, m)| (m.size, m.replicas))
+            .ok_or_else(|| ReplicaError::NotAReplica { path: path.into() })?
+    };
+    let off = Layout::new(size, replicas).data_offset as usize;
+    let mut d = std::fs::read(path).map_err(io_err(path))?;
+    d.drain(..off.min(d.len()));
+    d.truncate(size as usize);
+    Ok(d)
+}
+
 fn device_size(file: &File) -> io::Result<u64> {
     use std::io::{Seek, SeekFrom};
     let mut f = file;
@@ -475,7 +684,7 @@ mod tests {
     async fn create_write_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.replica");
-        let r = Replica::create(&path, "v", 1 << 20, true, false).unwrap();
+        let r = Replica::create(&path, "v", 1 << 20, 2, true, false).unwrap();
         r.write(4096, Bytes::from(vec![7u8; 8192]), false).await.unwrap();
         r.update_meta(|m| {
             m.generation = 3;
@@ -498,7 +707,7 @@ mod tests {
     fn torn_slot_falls_back_to_previous() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v.replica");
-        let r = Replica::create(&path, "v", 1 << 20, true, false).unwrap();
+        let r = Replica::create(&path, "v", 1 << 20, 2, true, false).unwrap();
         r.update_meta(|m| m.generation = 5).unwrap(); // seq 2 -> slot 0
         r.update_meta(|m| m.generation = 6).unwrap(); // seq 3 -> slot 1
         drop(r);
@@ -507,6 +716,55 @@ mod tests {
         write_all_at(&f, &[0xff; 16], SLOT_SIZE as u64 + 24).unwrap();
         let r = Replica::open(&path, "v", 1 << 20).unwrap();
         assert_eq!(r.meta().generation, 5);
+    }
+
+    #[test]
+    fn activity_log_and_bitmaps_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.replica");
+        let size = 300 << 20;
+        let r = Replica::create(&path, "v", size, 3, false, false).unwrap();
+        assert!(r.meta().needs_full);
+        assert!(r.read_al().is_empty());
+        r.write_al(&[1, 5, 9]).unwrap();
+        r.write_al(&[5, 9, 12]).unwrap();
+        let mut page = vec![0u8; crate::engine::bitmap::PAGE_BYTES];
+        page[0] = 0b101;
+        r.write_bitmap_pages(2, &[(1, page.clone())]).unwrap();
+        r.update_meta(|m| {
+            m.epoch = 4;
+            m.holder = "node-b".into();
+            m.clean = false;
+        })
+        .unwrap();
+        drop(r);
+        // A torn newest activity-log slot falls back to the previous one.
+        let r = Replica::open(&path, "v", size).unwrap();
+        assert_eq!(r.read_al(), vec![5, 9, 12]);
+        let m = r.meta();
+        assert_eq!((m.epoch, m.holder.as_str(), m.clean, m.replicas), (4, "node-b", false, 3));
+        let bm = r.read_bitmap(2).unwrap();
+        assert_eq!(bm.len() as u64, r.layout().bitmap_bytes);
+        assert_eq!(bm[crate::engine::bitmap::PAGE_BYTES], 0b101);
+        assert!(r.read_bitmap(1).unwrap().iter().all(|b| *b == 0));
+        let seq = r.al_seq.load(Ordering::Relaxed);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        write_all_at(&f, &[0xff; 8], AL_OFFSET + (seq % 2) * SLOT_SIZE as u64 + 20).unwrap();
+        drop(r);
+        let r = Replica::open(&path, "v", size).unwrap();
+        assert_eq!(r.read_al(), vec![1, 5, 9]);
+        // Data sits after the bitmaps, and read_data finds it.
+        assert_eq!(r.layout().data_offset, 1 << 20);
+        drop(r);
+        assert_eq!(read_data(&path).unwrap().len() as u64, size);
+    }
+
+    #[test]
+    fn large_volumes_move_the_data_area() {
+        // 64 GiB: 2 MiB of bitmap per replica.
+        let l = Layout::new(64 << 30, 3);
+        assert_eq!(l.bitmap_bytes, 2 << 20);
+        assert_eq!(l.data_offset, 7 << 20);
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //!   ([`Volume::run_resync`]), then announces itself consistent, and peers clear their
 //!   record of it.
 
+pub mod bitmap;
 pub mod ranges;
 pub mod state;
 
