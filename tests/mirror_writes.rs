@@ -33,8 +33,13 @@ fn three_way_writes_through_every_node() {
     c.wait_healthy(0, "vol", Duration::from_secs(20)).unwrap();
     let mut image = Image::new(size);
     for (round, node) in [0usize, 1, 2, 0].into_iter().enumerate() {
+        // Only the holder of write priority writes: hand it to the next node each round.
+        let v = c.promote(node, "vol").unwrap();
+        assert_eq!(v.writer, c.members[node].name, "{v:?}");
+        assert_eq!(v.epoch, round as u64, "{v:?}");
         random_writes(&c.members[node].nbd_uri("vol"), &mut image, 120, 10 + round as u64, dir.path());
     }
+    c.wait_healthy(0, "vol", Duration::from_secs(30)).unwrap();
     for i in 0..3 {
         assert_same(
             &format!("read through node-{}", i + 1),

@@ -111,7 +111,7 @@ fn replica_returning_eio_fails_over_to_peer() {
     random_writes(&c.members[0].nbd_uri("vol"), &mut image, 60, 31, dir.path());
 
     dev.fail();
-    // Reads and writes through node-1 go on; its replica is reported failed.
+    // Reads and writes through node-1 go on; the node is reported diskless.
     let got = read_volume(&c.members[0].nbd_uri("vol"), dir.path());
     assert_same("read through node-1 with a failing disk", &got, &image.data);
     random_writes(&c.members[0].nbd_uri("vol"), &mut image, 30, 32, dir.path());
@@ -122,7 +122,7 @@ fn replica_returning_eio_fails_over_to_peer() {
     );
     let v = c.volume(0, "vol").unwrap();
     let local = v.replicas.iter().find(|r| r.local).unwrap();
-    assert_eq!(local.state, "failed", "{v:?}");
+    assert_eq!(local.state, "diskless", "{v:?}");
     assert_eq!(v.health, "degraded", "{v:?}");
     c.stop(0);
     c.stop(1);

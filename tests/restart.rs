@@ -26,6 +26,7 @@ fn restart_of_all_agents_keeps_data() {
     assert_same("after graceful restart", &read_volume(&c.members[1].nbd_uri("vol"), dir.path()), &image.data);
 
     // kill -9 of everything.
+    c.promote(2, "vol").unwrap();
     random_writes(&c.members[2].nbd_uri("vol"), &mut image, 50, 42, dir.path());
     for i in 0..3 {
         c.kill(i);

@@ -27,12 +27,15 @@ fn status(e: AgentError) -> Status {
 
 pub fn volume_pb(node: &Node, v: &Volume) -> pb::Volume {
     let progress = v.resync_progress();
+    let prio = v.priority();
     let nbd_uri = format!("nbd+unix:///{}?socket={}", v.name(), node.config.listen.nbd_unix.display());
     pb::Volume {
         name: v.name().to_owned(),
         size_bytes: v.spec().size,
         health: v.health().to_owned(),
         nbd_uri,
+        epoch: prio.epoch,
+        writer: prio.holder,
         replicas: v
             .report()
             .into_iter()
@@ -53,6 +56,7 @@ pub fn volume_pb(node: &Node, v: &Volume) -> pb::Volume {
                     path: r.path,
                     resync_rate_bytes_per_sec: rate,
                     resync_eta_seconds: eta,
+                    out_of_sync_bytes: r.out_of_sync_bytes,
                 }
             })
             .collect(),
@@ -101,6 +105,38 @@ impl Agent for AgentService {
     async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         let name = req.into_inner().name;
         let v = self.node.get(&name).ok_or_else(|| status(AgentError::NotFound(name)))?;
+        Ok(Response::new(volume_pb(&self.node, &v)))
+    }
+
+    async fn promote(&self, req: Request<pb::PromoteRequest>) -> Result<Response<pb::Volume>, Status> {
+        let name = req.into_inner().name;
+        tracing::info!(volume = %name, "Promote");
+        let v = self.node.get(&name).ok_or_else(|| status(AgentError::NotFound(name)))?;
+        v.promote().map_err(Status::failed_precondition)?;
+        Ok(Response::new(volume_pb(&self.node, &v)))
+    }
+
+    async fn resolve_split_brain(
+        &self,
+        req: Request<pb::ResolveSplitBrainRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        tracing::warn!(volume = %r.name, keep = %r.keep, "ResolveSplitBrain");
+        let v = self.node.get(&r.name).ok_or_else(|| status(AgentError::NotFound(r.name.clone())))?;
+        if v.replica_index(&r.keep).is_none() {
+            return Err(Status::invalid_argument(format!("{} is not a replica of volume {}", r.keep, r.name)));
+        }
+        if r.keep == self.node.config.node.name {
+            let asked = v.keep_local_changes().await.map_err(Status::unavailable)?;
+            if asked.is_empty() {
+                return Err(Status::failed_precondition(format!(
+                    "volume {}: no connected replica is in split brain with {}",
+                    r.name, r.keep
+                )));
+            }
+        } else {
+            v.discard_changes(&r.keep).map_err(Status::failed_precondition)?;
+        }
         Ok(Response::new(volume_pb(&self.node, &v)))
     }
 

@@ -271,6 +271,21 @@ impl LocalCluster {
         self.api(i, |mut c| async move { c.get_volume(pb::GetVolumeRequest { name }).await.map(|r| r.into_inner()) })
     }
 
+    /// Gives member `i` write priority for `volume` (a new fencing epoch).
+    pub fn promote(&self, i: usize, volume: &str) -> Result<pb::Volume, String> {
+        let name = volume.to_owned();
+        self.api(i, |mut c| async move { c.promote(pb::PromoteRequest { name }).await.map(|r| r.into_inner()) })
+    }
+
+    /// Resolves a split brain of `volume` in favour of member `keep`, asking member `i`.
+    pub fn resolve_split_brain(&self, i: usize, volume: &str, keep: usize) -> Result<pb::Volume, String> {
+        let name = volume.to_owned();
+        let keep = self.members[keep].name.clone();
+        self.api(i, |mut c| async move {
+            c.resolve_split_brain(pb::ResolveSplitBrainRequest { name, keep }).await.map(|r| r.into_inner())
+        })
+    }
+
     /// Waits until member `i` reports every replica of `volume` in sync.
     pub fn wait_healthy(&self, i: usize, volume: &str, max: Duration) -> Result<pb::Volume, String> {
         self.wait_for(i, volume, max, |v| v.replicas.iter().all(|r| r.state == "in-sync"))

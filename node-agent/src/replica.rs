@@ -582,6 +582,11 @@ impl Replica {
             .map_err(io::Error::other)?
     }
 
+    /// Makes all completed writes durable, on the calling thread.
+    pub fn flush_sync(&self) -> io::Result<()> {
+        rustix::fs::fdatasync(&*self.file).map_err(io::Error::from)
+    }
+
     /// Zeroes `[offset, offset + len)`; with `punch` the space is also released (trim).
     pub async fn zero(&self, offset: u64, len: u64, punch: bool, fua: bool) -> io::Result<()> {
         let file = self.file.clone();

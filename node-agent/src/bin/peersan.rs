@@ -58,6 +58,23 @@ enum VolumeCmd {
     },
     /// Delete a volume and its replicas.
     Delete { name: String },
+    /// Give this node write priority for the volume (a new fencing epoch); the previous
+    /// writer's writes are refused from then on.
+    Promote { name: String },
+    /// Resolve a split brain: keep NODE's data; the other side's changes are discarded and
+    /// it resynchronises from NODE.
+    Resolve {
+        name: String,
+        #[arg(long, value_name = "NODE")]
+        keep: String,
+    },
+    /// Follow a volume's resync with a progress bar until every replica is in sync.
+    Watch {
+        name: String,
+        /// Give up after this many seconds (0 = never).
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -100,6 +117,45 @@ async fn client(socket: &Path, cmd: Cmd) -> anyhow::Result<()> {
             c.delete_volume(pb::DeleteVolumeRequest { name: name.clone() }).await.map_err(status)?;
             println!("volume {name} deleted");
         }
+        Cmd::Volume(VolumeCmd::Promote { name }) => {
+            let v = c.promote(pb::PromoteRequest { name }).await.map_err(status)?.into_inner();
+            println!("{} holds write priority for {} at epoch {}", v.writer, v.name, v.epoch);
+        }
+        Cmd::Volume(VolumeCmd::Resolve { name, keep }) => {
+            let v =
+                c.resolve_split_brain(pb::ResolveSplitBrainRequest { name, keep }).await.map_err(status)?.into_inner();
+            print!("{}", volume_table(std::slice::from_ref(&v)));
+        }
+        Cmd::Volume(VolumeCmd::Watch { name, timeout }) => {
+            use std::io::{IsTerminal, Write};
+            let tty = std::io::stdout().is_terminal();
+            let t0 = Instant::now();
+            let mut last = String::new();
+            loop {
+                let v = c.get_volume(pb::GetVolumeRequest { name: name.clone() }).await.map_err(status)?.into_inner();
+                let line = progress_line(&v);
+                if tty {
+                    print!("\r\x1b[2K{line}");
+                    std::io::stdout().flush()?;
+                } else if line != last {
+                    println!("{line}");
+                }
+                last = line;
+                if v.health == "healthy" {
+                    if tty {
+                        println!();
+                    }
+                    break;
+                }
+                if timeout > 0 && t0.elapsed() > Duration::from_secs(timeout) {
+                    if tty {
+                        println!();
+                    }
+                    bail!("volume {name} is still {} after {timeout} s", v.health);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
         Cmd::Demo { .. } | Cmd::Agent(_) => unreachable!("handled in main"),
     }
     Ok(())
@@ -116,9 +172,35 @@ fn human(n: u64) -> String {
     if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
 }
 
-/// One row per replica: volume, size, health, node, state, resync progress, detail.
+/// `[#####-----] 42% 1.2 GiB of 2.9 GiB at 110 MiB/s, ETA 15 s` for the replica being
+/// resynchronised, or the volume's health.
+fn progress_line(v: &pb::Volume) -> String {
+    let Some(r) = v.replicas.iter().find(|r| r.resync_total_bytes > 0) else {
+        return format!("{}: {}", v.name, v.health);
+    };
+    let frac = (r.resync_done_bytes as f64 / r.resync_total_bytes as f64).clamp(0.0, 1.0);
+    const W: usize = 30;
+    let filled = (frac * W as f64).round() as usize;
+    let mut s = format!(
+        "{} {}: [{}{}] {:>3.0}% {} of {}",
+        v.name,
+        r.node,
+        "#".repeat(filled),
+        "-".repeat(W - filled),
+        frac * 100.0,
+        human(r.resync_done_bytes),
+        human(r.resync_total_bytes)
+    );
+    if r.resync_rate_bytes_per_sec > 0 {
+        s += &format!(" at {}/s, ETA {} s", human(r.resync_rate_bytes_per_sec), r.resync_eta_seconds);
+    }
+    s
+}
+
+/// One row per replica: volume, size, health, writer, node, state, resync progress, detail.
 fn volume_table(vols: &[pb::Volume]) -> String {
-    let mut rows = vec![["VOLUME", "SIZE", "HEALTH", "NODE", "REPLICA", "RESYNC", "DETAIL"].map(String::from).to_vec()];
+    let mut rows =
+        vec![["VOLUME", "SIZE", "HEALTH", "WRITER", "NODE", "REPLICA", "RESYNC", "DETAIL"].map(String::from).to_vec()];
     for v in vols {
         for (k, r) in v.replicas.iter().enumerate() {
             let first = k == 0;
@@ -132,6 +214,8 @@ fn volume_table(vols: &[pb::Volume]) -> String {
                     s += &format!(" at {}/s, ETA {} s", human(r.resync_rate_bytes_per_sec), r.resync_eta_seconds);
                 }
                 s
+            } else if r.out_of_sync_bytes > 0 {
+                format!("{} out of sync", human(r.out_of_sync_bytes))
             } else {
                 "-".into()
             };
@@ -139,6 +223,7 @@ fn volume_table(vols: &[pb::Volume]) -> String {
                 if first { v.name.clone() } else { String::new() },
                 if first { human(v.size_bytes) } else { String::new() },
                 if first { v.health.clone() } else { String::new() },
+                if first { format!("{} (epoch {})", v.writer, v.epoch) } else { String::new() },
                 format!("{}{}", r.node, if r.local { " (local)" } else { "" }),
                 r.state.clone(),
                 resync,

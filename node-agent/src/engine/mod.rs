@@ -3,7 +3,14 @@
 //! A write received by a frontend is executed on the local replica and sent to every peer
 //! that receives writes (in sync or catching up) at the same time; it completes when all of
 //! them have completed it. Overlapping writes from this node are serialised
-//! ([`ranges::RangeLocks`]), so every replica applies them in the same order.
+//! ([`ranges::RangeLocks`]), so every replica applies them in the same order. Only the node
+//! that holds write priority writes; every write carries its epoch and a replica that knows
+//! a newer epoch refuses it (fencing).
+//!
+//! Every replica keeps an out-of-sync bitmap per replica of the volume ([`bitmap`]): bit set
+//! in bitmap `i` = replica `i` may lack that block relative to this one; this node's own
+//! index holds the blocks the local replica lacks. An activity log ([`al`]) bounds what a
+//! crash leaves unknown.
 //!
 //! State changes (all of them are here):
 //! - a peer's state is learnt at connect (`Open`/`Opened`) and by `State` messages, and
@@ -11,17 +18,21 @@
 //! - a peer that fails or times out on a request is dropped (Disconnected) and recorded as
 //!   outdated in the local metadata before the write is acknowledged;
 //! - a write whose `sent` set excludes a replica makes every replica that executes it record
-//!   that replica as outdated;
-//! - a local I/O error marks the local replica Failed: reads and writes go to peers;
-//! - an out-of-date local replica is resynchronised from an in-sync peer
+//!   that replica as outdated and mark the blocks in its bitmap;
+//! - a local I/O error makes the node diskless for the volume: reads and writes go to peers;
+//! - a newer epoch is adopted durably; a node that loses write priority stops acknowledging
+//!   writes, and replicas re-copy the extents of their activity log from the new holder;
+//! - an out-of-date local replica pulls the blocks it lacks from an in-sync peer
 //!   ([`Volume::run_resync`]), then announces itself consistent, and peers clear their
-//!   record of it.
+//!   record of it;
+//! - the operator resolves a split brain by discarding one side's changes
+//!   ([`Volume::discard_changes`]).
 
+pub mod al;
 pub mod bitmap;
 pub mod ranges;
 pub mod state;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,6 +40,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::StreamExt;
 use futures::future::join_all;
+use futures::stream::FuturesUnordered;
 use tokio::sync::Notify;
 
 use crate::block::{BlockDevice, BlockError, BlockErrorKind, BlockResult, check_range};
@@ -36,13 +48,19 @@ use crate::peer::client::{PeerConn, PeerError};
 use crate::peer::handshake::HandshakeConfig;
 use crate::peer::proto::{ErrorCode, ReplicaStateMsg, Reply, Request, WF_FUA};
 use crate::replica::{BLOCK_SIZE, Replica};
-use ranges::{BlockSet, RangeLocks};
+use al::ActivityLog;
+use bitmap::Bitmap;
+use ranges::RangeLocks;
 pub use state::ReplicaState;
 
-/// Size of one resync copy request.
+/// Largest resync copy request.
 const RESYNC_CHUNK: u64 = 1 << 20;
 /// Resync copy requests in flight.
-const RESYNC_DEPTH: usize = 4;
+const RESYNC_DEPTH: usize = 8;
+/// Bytes of bitmap fetched by one `GetBitmap`.
+const BITMAP_CHUNK: usize = 1 << 20;
+/// The target persists its progress after this many bytes copied.
+const CHECKPOINT_BYTES: u64 = 256 << 20;
 
 /// What every volume of a node shares.
 pub struct NodeCtx {
@@ -55,7 +73,7 @@ pub struct NodeCtx {
 }
 
 /// A volume's identity: name, size and its replicas' nodes (sorted; the index in this list
-/// is the replica's bit in the masks of write frames).
+/// is the replica's bit in the masks of write frames and the index of its bitmap).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeSpec {
     pub name: String,
@@ -105,6 +123,16 @@ pub struct ReplicaReport {
     pub detail: String,
     pub generation: u64,
     pub path: String,
+    /// Bytes this node's bitmap says the replica lacks (for the local replica: what it
+    /// still has to copy).
+    pub out_of_sync_bytes: u64,
+}
+
+/// Write priority: the newest epoch this node knows and the node holding it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Priority {
+    pub epoch: u64,
+    pub holder: String,
 }
 
 /// A peer that receives a write or a flush.
@@ -129,19 +157,28 @@ impl Op {
         }
     }
 
-    fn request(&self, insync: u32, sent: u32) -> Request {
+    fn request(&self, insync: u32, sent: u32, epoch: u64) -> Request {
         match self.clone() {
             Op::Write { offset, data, fua } => {
-                Request::Write { offset, flags: if fua { WF_FUA } else { 0 }, insync, sent, data }
+                Request::Write { offset, flags: if fua { WF_FUA } else { 0 }, insync, sent, epoch, data }
             }
             Op::Zero { offset, len, punch: true, fua } => {
-                Request::Trim { offset, len, flags: if fua { WF_FUA } else { 0 }, insync, sent }
+                Request::Trim { offset, len, flags: if fua { WF_FUA } else { 0 }, insync, sent, epoch }
             }
             Op::Zero { offset, len, punch: false, fua } => {
-                Request::WriteZeroes { offset, len, flags: if fua { WF_FUA } else { 0 }, insync, sent }
+                Request::WriteZeroes { offset, len, flags: if fua { WF_FUA } else { 0 }, insync, sent, epoch }
             }
         }
     }
+}
+
+/// Outcome of one request sent to the replicas.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// A replica that was in sync completed it.
+    done_in_sync: bool,
+    /// A replica refused it: a newer epoch exists.
+    fenced: Option<Priority>,
 }
 
 /// The mirror engine of one volume on this node.
@@ -155,12 +192,13 @@ pub struct Volume {
     links: Vec<Option<Link>>,
     write_locks: RangeLocks,
     apply_locks: RangeLocks,
-    /// While the local replica catches up: blocks written by foreground writes since.
-    fresh: Mutex<Option<BlockSet>>,
-    /// For peers resynchronising from this replica: blocks written here since they started.
-    missed: Mutex<HashMap<usize, BlockSet>>,
-    tracking: AtomicBool,
-    generation_zero: AtomicBool,
+    /// Out-of-sync bitmaps by replica index; this node's index: blocks the local replica lacks.
+    bitmaps: Mutex<Vec<Bitmap>>,
+    al: ActivityLog,
+    priority: Mutex<Priority>,
+    /// The connection resync currently pulls from (also used to complete partial-block
+    /// writes on blocks not copied yet).
+    resync_source: Mutex<Option<Arc<PeerConn>>>,
     resync: Mutex<ResyncProgress>,
     changed: Notify,
     stopping: AtomicBool,
@@ -168,15 +206,28 @@ pub struct Volume {
     attempts: AtomicUsize,
     settled: Notify,
     next_read: AtomicUsize,
+    /// The local replica has never been written (its generation is 0).
+    generation_zero: AtomicBool,
 }
 
 fn io_error(msg: impl Into<String>) -> BlockError {
     BlockError::new(BlockErrorKind::Io, msg)
 }
 
+fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
+    (offset / BLOCK_SIZE, (offset + len).div_ceil(BLOCK_SIZE))
+}
+
+/// Blocks of one activity-log extent.
+const EXTENT_BLOCKS: u64 = al::AL_EXTENT / BLOCK_SIZE;
+
 impl Volume {
     /// Creates the engine. `replica` is the local replica (None when it is missing or its
     /// disk failed); `addresses` gives each peer's address (None for this node).
+    ///
+    /// Loads the bitmaps; after an unclean shutdown, replays the activity log (its extents
+    /// become out of sync against every peer); a replica created to replace a lost one is
+    /// marked as lacking every block.
     pub fn new(
         spec: VolumeSpec,
         ctx: Arc<NodeCtx>,
@@ -185,6 +236,7 @@ impl Volume {
         addresses: impl Fn(&str) -> Option<String>,
     ) -> Arc<Volume> {
         let me = spec.replicas.iter().position(|r| *r == ctx.name).expect("volume must list this node");
+        let n = spec.replicas.len();
         let links = spec
             .replicas
             .iter()
@@ -204,26 +256,40 @@ impl Volume {
                 })
             })
             .collect();
-        let (state, fresh, gen0) = match &replica {
-            Some(r) => {
-                let m = r.meta();
-                if m.consistent {
-                    (ReplicaState::InSync, None, m.generation == 0)
-                } else {
-                    (ReplicaState::Outdated, Some(BlockSet::new(spec.size)), m.generation == 0)
+        let mut bitmaps: Vec<Bitmap> = (0..n).map(|_| Bitmap::new(spec.size)).collect();
+        let mut replica = replica;
+        let mut detail = replica_detail;
+        let mut priority = Priority { epoch: 0, holder: spec.replicas[0].clone() };
+        if let Some(r) = replica.clone() {
+            match Self::load_replica(&spec, me, &r, &mut bitmaps) {
+                Ok(()) => {
+                    let m = r.meta();
+                    if !m.holder.is_empty() {
+                        priority = Priority { epoch: m.epoch, holder: m.holder.clone() };
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(volume = %spec.name, error = %e, "cannot load the replica's metadata; serving from peers");
+                    detail = format!("metadata I/O error: {e}");
+                    replica = None;
                 }
             }
-            None => (ReplicaState::Failed, None, false),
+        }
+        let gen0 = replica.as_ref().is_some_and(|r| r.meta().generation == 0);
+        let state = match &replica {
+            Some(r) if r.meta().consistent => ReplicaState::InSync,
+            Some(_) => ReplicaState::Outdated,
+            None => ReplicaState::Diskless,
         };
         Arc::new(Volume {
-            local: Mutex::new(Local { replica, state, detail: replica_detail }),
+            local: Mutex::new(Local { replica, state, detail }),
             links,
             write_locks: RangeLocks::default(),
             apply_locks: RangeLocks::default(),
-            fresh: Mutex::new(fresh),
-            missed: Mutex::new(HashMap::new()),
-            tracking: AtomicBool::new(false),
-            generation_zero: AtomicBool::new(gen0),
+            bitmaps: Mutex::new(bitmaps),
+            al: ActivityLog::default(),
+            priority: Mutex::new(priority),
+            resync_source: Mutex::new(None),
             resync: Mutex::new(ResyncProgress::default()),
             changed: Notify::new(),
             stopping: AtomicBool::new(false),
@@ -231,11 +297,54 @@ impl Volume {
             attempts: AtomicUsize::new(0),
             settled: Notify::new(),
             next_read: AtomicUsize::new(0),
-            all_peers: (((1u64 << spec.replicas.len()) - 1) as u32) & !(1 << me),
+            generation_zero: AtomicBool::new(gen0),
+            all_peers: (((1u64 << n) - 1) as u32) & !(1 << me),
             spec,
             me,
             ctx,
         })
+    }
+
+    fn load_replica(
+        spec: &VolumeSpec,
+        me: usize,
+        r: &Replica,
+        bitmaps: &mut [Bitmap],
+    ) -> Result<(), crate::replica::ReplicaError> {
+        let io = |e: std::io::Error| crate::replica::ReplicaError::Io { path: r.path().to_owned(), source: e };
+        for (k, b) in bitmaps.iter_mut().enumerate() {
+            *b = Bitmap::from_bytes(spec.size, &r.read_bitmap(k as u32).map_err(io)?);
+        }
+        let m = r.meta();
+        if m.needs_full {
+            bitmaps[me].set_all();
+        }
+        if !m.clean {
+            let extents = r.read_al();
+            if !extents.is_empty() {
+                tracing::warn!(volume = %spec.name, extents = extents.len(), "unclean shutdown: regions of the activity log are out of sync against every peer");
+            }
+            for (k, b) in bitmaps.iter_mut().enumerate() {
+                if k != me {
+                    for &e in &extents {
+                        b.set_blocks(u64::from(e) * EXTENT_BLOCKS, (u64::from(e) + 1) * EXTENT_BLOCKS);
+                    }
+                }
+            }
+        }
+        for (k, b) in bitmaps.iter_mut().enumerate() {
+            let pages: Vec<(usize, Vec<u8>)> = b.take_dirty_pages().into_iter().map(|p| (p, b.page(p))).collect();
+            r.write_bitmap_pages(k as u32, &pages).map_err(io)?;
+        }
+        r.write_al(&[]).map_err(io)?;
+        r.update_meta(|m| {
+            if m.needs_full {
+                m.consistent = false;
+                m.needs_full = false;
+            }
+            m.clean = false;
+        })?;
+        Ok(())
     }
 
     pub fn spec(&self) -> &VolumeSpec {
@@ -270,6 +379,23 @@ impl Volume {
         }
     }
 
+    /// A clean shutdown (after [`Volume::stop`] and a flush): writes every bitmap page and
+    /// records that the activity log need not be replayed.
+    pub fn shutdown(&self) {
+        let Some((replica, state)) = self.local_replica() else { return };
+        if state == ReplicaState::Diskless {
+            return;
+        }
+        match self.flush_bitmaps_sync(&replica).and_then(|()| replica.flush_sync()) {
+            Ok(()) => {
+                if let Err(e) = replica.update_meta(|m| m.clean = true) {
+                    tracing::warn!(volume = %self.spec.name, error = %e, "cannot record the clean shutdown");
+                }
+            }
+            Err(e) => tracing::warn!(volume = %self.spec.name, error = %e, "cannot write the bitmaps at shutdown"),
+        }
+    }
+
     /// Waits until every peer has been tried once (or `max` elapsed), so that a replica
     /// that missed writes learns it before it serves reads.
     pub async fn settle(&self, max: Duration) {
@@ -299,18 +425,37 @@ impl Volume {
         l.replica.clone().map(|r| (r, l.state))
     }
 
+    /// The local replica when it has a working disk.
+    fn local_disk(&self) -> Option<Arc<Replica>> {
+        self.local_replica().filter(|(_, s)| *s != ReplicaState::Diskless).map(|(r, _)| r)
+    }
+
+    pub fn priority(&self) -> Priority {
+        self.priority.lock().unwrap().clone()
+    }
+
     /// This replica's state as sent to peers.
     pub fn state_msg(&self) -> ReplicaStateMsg {
+        let prio = self.priority();
         let l = self.local.lock().unwrap();
         match &l.replica {
-            Some(r) if l.state != ReplicaState::Failed => {
+            Some(r) if l.state != ReplicaState::Diskless => {
                 let m = r.meta();
+                let bitmaps = self.bitmaps.lock().unwrap();
+                let dirty_peers = (0..self.spec.replicas.len())
+                    .filter(|&i| i != self.me && !bitmaps[i].is_empty())
+                    .map(|i| self.spec.replicas[i].clone())
+                    .filter(|n| !m.outdated_peers.contains(n))
+                    .collect();
                 ReplicaStateMsg {
                     consistent: m.consistent,
                     generation: m.generation,
                     size: self.spec.size,
                     outdated_peers: m.outdated_peers,
                     local_ok: true,
+                    epoch: prio.epoch,
+                    holder: prio.holder,
+                    dirty_peers,
                 }
             }
             _ => ReplicaStateMsg {
@@ -319,19 +464,22 @@ impl Volume {
                 size: self.spec.size,
                 outdated_peers: vec![],
                 local_ok: false,
+                epoch: prio.epoch,
+                holder: prio.holder,
+                dirty_peers: vec![],
             },
         }
     }
 
     // ---- state transitions -------------------------------------------------------------
 
-    /// The local replica returned an I/O error: stop using it.
+    /// The local replica returned an I/O error: the node goes diskless for this volume.
     fn local_failed(&self, err: &std::io::Error) {
         let mut l = self.local.lock().unwrap();
-        if l.state != ReplicaState::Failed {
-            tracing::error!(volume = %self.spec.name, error = %err, "local replica failed; serving from peers");
-            l.state = ReplicaState::Failed;
-            l.detail = format!("I/O error: {err}");
+        if l.state != ReplicaState::Diskless {
+            tracing::error!(volume = %self.spec.name, error = %err, "local replica failed; the node is diskless for this volume and serves it from peers");
+            l.state = ReplicaState::Diskless;
+            l.detail = format!("disk failed: {err}");
             drop(l);
             self.broadcast_state();
             self.changed.notify_waiters();
@@ -349,7 +497,7 @@ impl Volume {
         }
         let idxs: Vec<usize> = (0..self.spec.replicas.len()).filter(|i| missed & (1 << i) != 0).collect();
         // A failed disk records nothing; the replicas that executed the write do.
-        let Some((replica, _)) = self.local_replica().filter(|(_, s)| *s != ReplicaState::Failed) else { return };
+        let Some(replica) = self.local_disk() else { return };
         let names: Vec<String> = idxs.iter().map(|&i| self.spec.replicas[i].clone()).collect();
         match replica.update_meta(|m| {
             let before = m.outdated_peers.len();
@@ -383,14 +531,35 @@ impl Volume {
         }
     }
 
-    /// The local replica is out of date: mark it inconsistent (durably) and let the resync
-    /// task bring it back.
-    fn local_outdated(&self) {
-        let Some((replica, state)) = self.local_replica() else { return };
-        if state != ReplicaState::InSync {
+    /// Marks `[offset, offset + len)` out of sync for the replicas in `mask`. Called after
+    /// the local write completed and before its activity-log extents are left, so that a
+    /// concurrent resync read either sees the data or leaves the bit set.
+    fn mark_bits(&self, mask: u32, offset: u64, len: u64) {
+        if mask == 0 || len == 0 {
             return;
         }
-        *self.fresh.lock().unwrap() = Some(BlockSet::new(self.spec.size));
+        let (s, e) = blocks_of(offset, len);
+        let mut b = self.bitmaps.lock().unwrap();
+        for (i, bm) in b.iter_mut().enumerate() {
+            if mask & (1 << i) != 0 {
+                bm.set_blocks(s, e);
+            }
+        }
+    }
+
+    /// The local replica lacks the blocks now set in its own bitmap (and, with `all`, every
+    /// block): record that durably and let the resync task bring it back.
+    fn local_outdated(&self, all: bool) {
+        let Some((replica, state)) = self.local_replica() else { return };
+        if state == ReplicaState::Diskless {
+            return;
+        }
+        if all {
+            self.bitmaps.lock().unwrap()[self.me].set_all();
+        }
+        if let Err(e) = self.flush_bitmaps_sync(&replica) {
+            tracing::error!(volume = %self.spec.name, error = %e, "cannot write the out-of-sync bitmap");
+        }
         if let Err(e) = replica.update_meta(|m| m.consistent = false) {
             tracing::error!(volume = %self.spec.name, error = %e, "cannot record that the local replica is outdated");
         }
@@ -399,28 +568,167 @@ impl Volume {
             if l.state == ReplicaState::InSync {
                 l.state = ReplicaState::Outdated;
                 l.detail = "missed writes; waiting for resync".into();
+                tracing::warn!(volume = %self.spec.name, "local replica is out of date; resynchronising");
             }
         }
-        tracing::warn!(volume = %self.spec.name, "local replica is out of date; resynchronising");
         self.broadcast_state();
         self.changed.notify_waiters();
+    }
+
+    /// Adopts a newer write priority (durably, before anything that depends on it). A node
+    /// that loses priority stops acknowledging writes. When the holder changes, writes of
+    /// the old holder that were in flight may have reached some replicas and been refused by
+    /// others, so every replica but the new holder re-copies from it the extents it wrote
+    /// shortly before: a write in flight at the change arrives within a peer I/O timeout of
+    /// being sent (or its connection is dropped), and the old holder stops sending within a
+    /// timeout of the change, so the window is the last `3 × timeouts.peer_io + 1 s` of
+    /// writes, anchored at the newest write this replica executed.
+    /// Returns false when `(epoch, holder)` is not newer than what this node knows.
+    fn adopt_priority(&self, epoch: u64, holder: &str) -> bool {
+        if holder.is_empty() {
+            return false;
+        }
+        let old = {
+            let mut p = self.priority.lock().unwrap();
+            if epoch <= p.epoch {
+                return false;
+            }
+            std::mem::replace(&mut *p, Priority { epoch, holder: holder.to_owned() })
+        };
+        if let Some(r) = self.local_disk()
+            && let Err(e) = r.update_meta(|m| {
+                m.epoch = epoch;
+                m.holder = holder.to_owned();
+            })
+        {
+            tracing::error!(volume = %self.spec.name, error = %e, "cannot record the write-priority epoch");
+        }
+        tracing::info!(volume = %self.spec.name, epoch, %holder, previous = %old.holder, "write priority changed");
+        if old.holder != holder && holder != self.ctx.name {
+            let extents = self.al.recent(self.ctx.io_timeout * 3 + Duration::from_secs(1));
+            if !extents.is_empty() && self.local_disk().is_some() {
+                {
+                    let mut b = self.bitmaps.lock().unwrap();
+                    for &e in &extents {
+                        b[self.me].set_blocks(u64::from(e) * EXTENT_BLOCKS, (u64::from(e) + 1) * EXTENT_BLOCKS);
+                    }
+                }
+                tracing::info!(volume = %self.spec.name, extents = extents.len(), "re-copying recently written regions from the new holder");
+                self.local_outdated(false);
+            }
+        }
+        self.broadcast_state();
+        self.changed.notify_waiters();
+        true
+    }
+
+    /// Gives this node write priority with an epoch newer than any it knows of (its own and
+    /// its connected peers'). Refused when no in-sync replica is reachable.
+    pub fn promote(&self) -> Result<Priority, String> {
+        let has_in_sync = matches!(self.local_replica(), Some((_, ReplicaState::InSync)))
+            || self.links.iter().flatten().any(|l| {
+                let li = l.inner.lock().unwrap();
+                li.conn.is_some() && li.state == ReplicaState::InSync
+            });
+        if !has_in_sync {
+            return Err(format!("volume {}: no in-sync replica is reachable from {}", self.spec.name, self.ctx.name));
+        }
+        let cur = self.priority();
+        if cur.holder == self.ctx.name {
+            return Ok(cur);
+        }
+        let newest = self
+            .links
+            .iter()
+            .flatten()
+            .filter_map(|l| l.inner.lock().unwrap().theirs.as_ref().map(|t| t.epoch))
+            .fold(cur.epoch, u64::max);
+        self.adopt_priority(newest + 1, &self.ctx.name);
+        Ok(self.priority())
+    }
+
+    /// Resolves a split brain with `keep`: this node discards its changes made while cut off
+    /// (the blocks it wrote that `keep` missed join the blocks it lacks) and resynchronises
+    /// from `keep`.
+    pub fn discard_changes(&self, keep: &str) -> Result<(), String> {
+        let Some(k) = self.replica_index(keep).filter(|&k| k != self.me) else {
+            return Err(format!("{keep} is not another replica of volume {}", self.spec.name));
+        };
+        let Some(replica) = self.local_disk() else {
+            return Err(format!("{} has no working replica of {} to discard", self.ctx.name, self.spec.name));
+        };
+        {
+            let mut b = self.bitmaps.lock().unwrap();
+            let theirs = b[k].clone();
+            b[self.me].or(&theirs);
+            b[k].clear_all();
+        }
+        self.flush_bitmaps_sync(&replica).map_err(|e| e.to_string())?;
+        replica
+            .update_meta(|m| {
+                m.outdated_peers.retain(|p| p != keep);
+                m.consistent = false;
+            })
+            .map_err(|e| e.to_string())?;
+        {
+            let mut l = self.local.lock().unwrap();
+            if l.state != ReplicaState::Diskless {
+                l.state = ReplicaState::Outdated;
+                l.detail = format!("discarding local changes in favour of {keep}");
+            }
+        }
+        if let Some(link) = self.link(k) {
+            let mut li = link.inner.lock().unwrap();
+            if li.state == ReplicaState::SplitBrain {
+                li.state = ReplicaState::InSync;
+                li.detail.clear();
+            }
+        }
+        tracing::warn!(volume = %self.spec.name, %keep, "split brain resolved: local changes are discarded");
+        self.broadcast_state();
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Asks the replicas in split brain with this node to discard their changes in favour
+    /// of this node's.
+    pub async fn keep_local_changes(&self) -> Result<Vec<String>, String> {
+        let mut asked = Vec::new();
+        for link in self.links.iter().flatten() {
+            let conn = {
+                let li = link.inner.lock().unwrap();
+                if li.state != ReplicaState::SplitBrain {
+                    continue;
+                }
+                li.conn.clone()
+            };
+            let Some(conn) = conn else { continue };
+            conn.call(Request::Resolve { keep: self.ctx.name.clone() })
+                .await
+                .map_err(|e| format!("{}: {e}", link.name))?;
+            asked.push(link.name.clone());
+        }
+        Ok(asked)
     }
 
     /// Applies what a peer's state means (see [`state::decide`]). `announced` is true for a
     /// `State` message (a change the peer announces), false at connect.
     pub fn observe_peer_state(&self, idx: usize, theirs: ReplicaStateMsg, announced: bool) {
         let Some(link) = self.link(idx) else { return };
-        // A peer that announces it became consistent has caught up: forget that it missed writes.
+        self.adopt_priority(theirs.epoch, &theirs.holder);
+        // A peer that announces it became consistent has caught up: forget that it missed
+        // writes, unless writes it missed since are marked.
         let was_inconsistent = link.inner.lock().unwrap().theirs.as_ref().is_some_and(|t| !t.consistent);
         if announced && theirs.consistent && theirs.local_ok && was_inconsistent {
-            if let Some((replica, _)) = self.local_replica() {
+            let clean = self.bitmaps.lock().unwrap()[idx].is_empty();
+            if clean && let Some(replica) = self.local_disk() {
                 let name = link.name.clone();
                 let _ = replica.update_meta(|m| m.outdated_peers.retain(|p| *p != name));
             }
-            self.missed.lock().unwrap().remove(&idx);
         }
         let mine = self.state_msg();
-        let d = state::decide(&self.ctx.name, &mine, &link.name, &theirs);
+        let holder = self.priority().holder;
+        let d = state::decide(&self.ctx.name, &mine, &link.name, &theirs, &holder);
         {
             let mut li = link.inner.lock().unwrap();
             li.theirs = Some(theirs);
@@ -430,7 +738,10 @@ impl Volume {
                 }
                 li.state = d.peer;
                 li.detail = match d.peer {
-                    ReplicaState::SplitBrain => "both replicas accepted writes the other missed; not merged".into(),
+                    ReplicaState::SplitBrain => {
+                        "both replicas accepted writes the other missed; not merged (resolve: peersan volume resolve)"
+                            .into()
+                    }
                     _ => String::new(),
                 };
             }
@@ -439,7 +750,8 @@ impl Volume {
             tracing::error!(volume = %self.spec.name, peer = %link.name, "split brain detected; the replicas will not be merged automatically");
         }
         if d.local_outdated {
-            self.local_outdated();
+            let full = mine.generation == 0 && mine.consistent;
+            self.local_outdated(full);
         }
         self.changed.notify_waiters();
     }
@@ -469,6 +781,91 @@ impl Volume {
         }
     }
 
+    /// Takes the changed pages of every bitmap.
+    fn take_bitmap_pages(&self) -> Vec<(u32, Vec<(usize, Vec<u8>)>)> {
+        let mut b = self.bitmaps.lock().unwrap();
+        b.iter_mut()
+            .enumerate()
+            .map(|(k, bm)| (k as u32, bm.take_dirty_pages().into_iter().map(|i| (i, bm.page(i))).collect::<Vec<_>>()))
+            .filter(|(_, p)| !p.is_empty())
+            .collect()
+    }
+
+    fn write_bitmap_pages(&self, replica: &Replica, pages: &[(u32, Vec<(usize, Vec<u8>)>)]) -> std::io::Result<()> {
+        for (k, p) in pages {
+            if let Err(e) = replica.write_bitmap_pages(*k, p) {
+                let mut b = self.bitmaps.lock().unwrap();
+                for (kk, p) in pages {
+                    for (i, _) in p {
+                        b[*kk as usize].mark_dirty(*i);
+                    }
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the changed pages of every bitmap (blocking; for rare state changes).
+    fn flush_bitmaps_sync(&self, replica: &Replica) -> std::io::Result<()> {
+        let pages = self.take_bitmap_pages();
+        self.write_bitmap_pages(replica, &pages)
+    }
+
+    async fn flush_bitmaps(&self, replica: &Arc<Replica>) -> std::io::Result<()> {
+        let pages = self.take_bitmap_pages();
+        if pages.is_empty() {
+            return Ok(());
+        }
+        let r = replica.clone();
+        let pages = Arc::new(pages);
+        let p2 = pages.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            for (k, p) in p2.iter() {
+                r.write_bitmap_pages(*k, p)?;
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        if res.is_err() {
+            let mut b = self.bitmaps.lock().unwrap();
+            for (k, p) in pages.iter() {
+                for (i, _) in p {
+                    b[*k as usize].mark_dirty(*i);
+                }
+            }
+        }
+        res
+    }
+
+    /// Enters the activity log for a write to `[offset, offset + len)`, writing the log
+    /// first when the range touches extents not in it.
+    async fn al_enter(&self, replica: &Arc<Replica>, offset: u64, len: u64) -> std::io::Result<(u32, u32)> {
+        let (first, last) = al::extents(offset, len);
+        if self.al.try_enter(first, last) {
+            return Ok((first, last));
+        }
+        loop {
+            let _c = self.al.commit.lock().await;
+            if self.al.try_enter(first, last) {
+                return Ok((first, last));
+            }
+            let Some(plan) = self.al.plan(first, last) else {
+                drop(_c);
+                self.al.wait_left().await;
+                continue;
+            };
+            if !plan.evicted.is_empty() {
+                self.flush_bitmaps(replica).await?;
+            }
+            let r = replica.clone();
+            let extents = plan.extents.clone();
+            tokio::task::spawn_blocking(move || r.write_al(&extents)).await.map_err(std::io::Error::other)??;
+            self.al.install(&plan, first, last);
+            return Ok((first, last));
+        }
+    }
     // ---- connections -------------------------------------------------------------------
 
     async fn run_link(self: Arc<Self>, idx: usize) {
@@ -546,27 +943,74 @@ impl Volume {
 
     // ---- foreground I/O ----------------------------------------------------------------
 
-    /// Executes `op` on the local replica. While the local replica catches up, foreground
-    /// writes mark the blocks they cover as fresh so that resync never overwrites them.
-    async fn apply_local(&self, replica: &Replica, op: &Op) -> std::io::Result<()> {
+    /// Executes `op` on the local replica, inside the activity log. While the local replica
+    /// lacks blocks, a write that covers a lacking block whole makes it current (resync will
+    /// not overwrite it); a lacking block written in part is first completed from the resync
+    /// source. After the write, the replicas in `missed` get its blocks marked out of sync.
+    async fn apply_local(&self, replica: &Arc<Replica>, op: &Op, missed: u32) -> std::io::Result<()> {
         let (offset, len) = op.range();
-        let catching_up = self.fresh.lock().unwrap().is_some();
-        let _guard = if catching_up { Some(self.apply_locks.lock(offset, len).await) } else { None };
+        let (first, last) = self.al_enter(replica, offset, len).await?;
+        let res = self.apply_local_in_al(replica, op).await;
+        if res.is_ok() {
+            self.mark_bits(missed, offset, len);
+        }
+        self.al.leave(first, last);
+        res
+    }
+
+    async fn apply_local_in_al(&self, replica: &Arc<Replica>, op: &Op) -> std::io::Result<()> {
+        let (offset, len) = op.range();
+        let lacking = !self.bitmaps.lock().unwrap()[self.me].is_empty();
+        let _guard = if lacking { Some(self.apply_locks.lock(offset, len).await) } else { None };
+        if lacking {
+            self.complete_partial_blocks(replica, offset, len).await?;
+        }
         match op {
             Op::Write { offset, data, fua } => replica.write(*offset, data.clone(), *fua).await?,
             Op::Zero { offset, len, punch, fua } => replica.zero(*offset, *len, *punch, *fua).await?,
         }
-        if catching_up && let Some(f) = self.fresh.lock().unwrap().as_mut() {
-            f.insert_covered(offset, len);
-        }
-        if self.tracking.load(Ordering::Acquire) {
-            for set in self.missed.lock().unwrap().values_mut() {
-                set.insert_touched(offset, len);
-            }
+        if lacking {
+            self.bitmaps.lock().unwrap()[self.me].clear_covered(offset, len);
         }
         if self.generation_zero.load(Ordering::Relaxed) {
             self.generation_zero.store(false, Ordering::Relaxed);
             let _ = replica.update_meta(|m| m.generation = m.generation.max(1));
+        }
+        Ok(())
+    }
+
+    /// Copies from the resync source the lacking blocks that `[offset, offset + len)` covers
+    /// only in part, so that the write lands on current data.
+    async fn complete_partial_blocks(&self, replica: &Replica, offset: u64, len: u64) -> std::io::Result<()> {
+        let (s, e) = blocks_of(offset, len);
+        let mut partial = Vec::new();
+        {
+            let b = self.bitmaps.lock().unwrap();
+            if !offset.is_multiple_of(BLOCK_SIZE) && b[self.me].contains(s) {
+                partial.push(s);
+            }
+            if !(offset + len).is_multiple_of(BLOCK_SIZE) && b[self.me].contains(e - 1) && !partial.contains(&(e - 1)) {
+                partial.push(e - 1);
+            }
+        }
+        if partial.is_empty() {
+            return Ok(());
+        }
+        let conn = self.resync_source.lock().unwrap().clone();
+        let Some(conn) = conn else {
+            return Err(std::io::Error::other(
+                "a partial write to a block not yet resynchronised needs a resync source",
+            ));
+        };
+        for b in partial {
+            let off = b * BLOCK_SIZE;
+            let reply = conn
+                .call(Request::ResyncRead { offset: off, len: BLOCK_SIZE as u32 })
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let Reply::Data { data } = reply else { return Err(std::io::Error::other("unexpected resync reply")) };
+            replica.write(off, data, false).await?;
+            self.bitmaps.lock().unwrap()[self.me].clear_blocks(b, b + 1);
         }
         Ok(())
     }
@@ -588,19 +1032,28 @@ impl Volume {
     }
 
     /// Applies the outcome of one request sent to the local replica and the peers: failed
-    /// peers are dropped and recorded as outdated, a failed local replica is marked failed.
-    /// Returns whether a replica that was in sync completed it.
+    /// peers are dropped and recorded as outdated (their bits set for `range`), a failed
+    /// local replica makes the node diskless, a refusal for an older epoch is adopted.
     fn conclude(
         &self,
         targets: &[Target],
         peer_results: Vec<Result<Reply, PeerError>>,
         local: Option<(std::io::Result<()>, bool)>,
-    ) -> bool {
-        let mut done_in_sync = false;
+        range: Option<(u64, u64)>,
+    ) -> Outcome {
+        let mut out = Outcome::default();
         let mut failed = 0u32;
+        let local_applied = matches!(local, Some((Ok(()), _)));
         for (t, res) in targets.iter().zip(peer_results) {
             match res {
-                Ok(_) => done_in_sync |= t.in_sync,
+                Ok(Reply::Fenced { epoch, holder }) => {
+                    out.fenced = Some(Priority { epoch, holder });
+                }
+                Ok(_) => out.done_in_sync |= t.in_sync,
+                Err(PeerError::Remote { code: ErrorCode::Fenced, message, .. }) => {
+                    tracing::warn!(volume = %self.spec.name, peer = %self.spec.replicas[t.idx], %message, "write refused: fenced");
+                    out.fenced.get_or_insert(Priority { epoch: 0, holder: String::new() });
+                }
                 Err(e) => {
                     self.drop_link(t.idx, &e);
                     failed |= 1 << t.idx;
@@ -608,19 +1061,56 @@ impl Volume {
             }
         }
         match local {
-            Some((Ok(()), in_sync)) => done_in_sync |= in_sync,
+            Some((Ok(()), in_sync)) => out.done_in_sync |= in_sync,
             Some((Err(e), _)) => self.local_failed(&e),
             None => {}
         }
         self.flag_outdated(failed, None);
-        done_in_sync
+        if let Some((offset, len)) = range {
+            self.mark_bits(failed & self.all_peers, offset, len);
+        }
+        if let Some(p) = &out.fenced {
+            if !self.adopt_priority(p.epoch, &p.holder) {
+                // The refusing replica knows the same epoch under another holder, or did not
+                // say: stop writing until priority is given again.
+                let mut cur = self.priority.lock().unwrap();
+                if cur.holder == self.ctx.name {
+                    cur.holder = p.holder.clone();
+                }
+            }
+            tracing::warn!(volume = %self.spec.name, epoch = p.epoch, holder = %p.holder, "this node lost write priority; writes fail until it is promoted again");
+            // What this node wrote locally was refused elsewhere: take it back from the holder.
+            if local_applied && let Some((offset, len)) = range {
+                let (s, e) = blocks_of(offset, len);
+                self.bitmaps.lock().unwrap()[self.me].set_blocks(s, e);
+                self.local_outdated(false);
+            }
+        }
+        out
+    }
+
+    fn not_holder(&self) -> Option<BlockError> {
+        let p = self.priority();
+        (p.holder != self.ctx.name).then(|| {
+            BlockError::new(
+                BlockErrorKind::Unavailable,
+                format!(
+                    "volume {}: {} does not hold write priority (held by {} at epoch {}); promote this node to write here",
+                    self.spec.name, self.ctx.name, p.holder, p.epoch
+                ),
+            )
+        })
     }
 
     /// A write-like operation received by a frontend of this node.
     async fn submit(&self, op: Op) -> BlockResult<()> {
         let (offset, len) = op.range();
         check_range(offset, len, self.spec.size)?;
+        if let Some(e) = self.not_holder() {
+            return Err(e);
+        }
         let _guard = self.write_locks.lock(offset, len).await;
+        let epoch = self.priority().epoch;
 
         let (local, targets) = self.write_targets();
         let mut sent = 0u32;
@@ -637,17 +1127,25 @@ impl Volume {
                 insync |= 1 << t.idx;
             }
         }
-        self.flag_outdated(!sent, None);
+        let missed = !sent & self.all_peers;
+        self.flag_outdated(missed, None);
 
         let local_fut = async {
             match &local {
-                Some((r, s)) => Some((self.apply_local(r, &op).await, *s == ReplicaState::InSync)),
+                Some((r, s)) => Some((self.apply_local(r, &op, missed).await, *s == ReplicaState::InSync)),
                 None => None,
             }
         };
-        let peer_futs = targets.iter().map(|t| t.conn.call(op.request(insync, sent)));
+        let peer_futs = targets.iter().map(|t| t.conn.call(op.request(insync, sent, epoch)));
         let (local_res, peer_res) = tokio::join!(local_fut, join_all(peer_futs));
-        if self.conclude(&targets, peer_res, local_res) {
+        let out = self.conclude(&targets, peer_res, local_res, Some((offset, len)));
+        if let Some(p) = out.fenced {
+            return Err(io_error(format!(
+                "volume {}: write refused: write priority moved to {} (epoch {}); nothing acknowledged",
+                self.spec.name, p.holder, p.epoch
+            )));
+        }
+        if out.done_in_sync {
             Ok(())
         } else {
             Err(io_error(format!("volume {}: no in-sync replica executed the write", self.spec.name)))
@@ -698,7 +1196,7 @@ impl Volume {
         };
         let (local_res, peer_res) =
             tokio::join!(local_fut, join_all(targets.iter().map(|t| t.conn.call(Request::Flush))));
-        if self.conclude(&targets, peer_res, local_res) {
+        if self.conclude(&targets, peer_res, local_res, None).done_in_sync {
             Ok(())
         } else {
             Err(io_error(format!("volume {}: no in-sync replica completed the flush", self.spec.name)))
@@ -753,43 +1251,51 @@ impl Volume {
         self.link(idx).map(|l| l.missed_writes.subscribe())
     }
 
-    /// A peer's connection to us closed: stop tracking resync for it.
-    pub fn peer_closed(&self, from: usize) {
-        let mut missed = self.missed.lock().unwrap();
-        missed.remove(&from);
-        self.tracking.store(!missed.is_empty(), Ordering::Release);
+    /// A peer's connection to us closed.
+    pub fn peer_closed(&self, _from: usize) {}
+
+    /// Checks the epoch of a write from `from`: a newer one is adopted, an older one (or the
+    /// same one held by another node) is refused.
+    fn check_epoch(&self, from: usize, epoch: u64) -> Result<(), Reply> {
+        let sender = &self.spec.replicas[from];
+        let cur = self.priority();
+        if epoch > cur.epoch {
+            self.adopt_priority(epoch, sender);
+            return Ok(());
+        }
+        if epoch == cur.epoch && cur.holder == *sender {
+            return Ok(());
+        }
+        Err(Reply::Fenced { epoch: cur.epoch, holder: cur.holder })
     }
 
     /// Executes a request that a peer sent us. Returns the reply to send.
     pub async fn serve_peer(&self, from: usize, req: Request) -> Reply {
         let err = |code, message: String| Reply::Error { code, message };
         match req {
-            Request::Write { offset, flags, sent, data, .. } => {
-                self.peer_write(from, sent, Op::Write { offset, data, fua: flags & WF_FUA != 0 }).await
+            Request::Write { offset, flags, sent, epoch, data, .. } => {
+                self.peer_write(from, sent, epoch, Op::Write { offset, data, fua: flags & WF_FUA != 0 }).await
             }
-            Request::WriteZeroes { offset, len, flags, sent, .. } => {
-                self.peer_write(from, sent, Op::Zero { offset, len, punch: false, fua: flags & WF_FUA != 0 }).await
+            Request::WriteZeroes { offset, len, flags, sent, epoch, .. } => {
+                let op = Op::Zero { offset, len, punch: false, fua: flags & WF_FUA != 0 };
+                self.peer_write(from, sent, epoch, op).await
             }
-            Request::Trim { offset, len, flags, sent, .. } => {
-                self.peer_write(from, sent, Op::Zero { offset, len, punch: true, fua: flags & WF_FUA != 0 }).await
+            Request::Trim { offset, len, flags, sent, epoch, .. } => {
+                let op = Op::Zero { offset, len, punch: true, fua: flags & WF_FUA != 0 };
+                self.peer_write(from, sent, epoch, op).await
             }
-            Request::Read { offset, len } => {
-                if let Err(e) = check_range(offset, u64::from(len), self.spec.size) {
-                    return err(ErrorCode::OutOfRange, e.message);
+            Request::Read { offset, len } => self.serve_read(offset, len, None).await,
+            Request::ResyncRead { offset, len } => self.serve_read(offset, len, Some(from)).await,
+            Request::GetBitmap { offset, len } => {
+                let b = self.bitmaps.lock().unwrap();
+                let total = b[from].len_bytes() as u64;
+                if offset.checked_add(u64::from(len)).is_none_or(|end| end > total) {
+                    return err(
+                        ErrorCode::OutOfRange,
+                        format!("bitmap bytes {offset}+{len} past the end ({total} bytes)"),
+                    );
                 }
-                match self.local_replica() {
-                    Some((r, ReplicaState::InSync)) => match r.read(offset, len as usize).await {
-                        Ok(data) => Reply::Data { data },
-                        Err(e) => {
-                            self.local_failed(&e);
-                            err(ErrorCode::Io, e.to_string())
-                        }
-                    },
-                    _ => err(
-                        ErrorCode::NotInSync,
-                        format!("the replica of {} on {} is not in sync", self.spec.name, self.ctx.name),
-                    ),
-                }
+                Reply::Data { data: Bytes::from(b[from].bytes(offset as usize, len as usize)) }
             }
             Request::Flush => match self.local_replica() {
                 Some((r, s)) if s.receives_writes() => match r.flush().await {
@@ -805,23 +1311,10 @@ impl Volume {
                 self.observe_peer_state(from, state, true);
                 Reply::Ok
             }
-            Request::ResyncPoll { finish } => {
-                let mut missed = self.missed.lock().unwrap();
-                if !finish {
-                    missed.insert(from, BlockSet::new(self.spec.size));
-                    self.tracking.store(true, Ordering::Release);
-                    return Reply::ResyncRanges { ranges: vec![], done: false };
-                }
-                match missed.get_mut(&from) {
-                    Some(set) => {
-                        let ranges = set.ranges();
-                        set.clear();
-                        let done = ranges.is_empty();
-                        Reply::ResyncRanges { ranges, done }
-                    }
-                    None => err(ErrorCode::Invalid, "no resync in progress for this peer".into()),
-                }
-            }
+            Request::Resolve { keep } => match self.discard_changes(&keep) {
+                Ok(()) => Reply::Ok,
+                Err(message) => err(ErrorCode::Invalid, message),
+            },
             Request::Ping => Reply::Pong,
             Request::Open { .. } => err(ErrorCode::Invalid, "volume already open on this connection".into()),
             Request::CreateVolume { .. } | Request::DeleteVolume { .. } => {
@@ -830,14 +1323,49 @@ impl Volume {
         }
     }
 
-    async fn peer_write(&self, from: usize, sent: u32, op: Op) -> Reply {
+    /// A read for a peer: from the local replica when it is in sync. A resync read
+    /// (`resync_for`) first clears the requester's out-of-sync bits for the blocks it
+    /// returns; a write that the requester misses afterwards sets them again once it has
+    /// been applied, so no update is lost between the two.
+    async fn serve_read(&self, offset: u64, len: u32, resync_for: Option<usize>) -> Reply {
+        if let Err(e) = check_range(offset, u64::from(len), self.spec.size) {
+            return Reply::Error { code: ErrorCode::OutOfRange, message: e.message };
+        }
+        match self.local_replica() {
+            Some((r, ReplicaState::InSync)) => {
+                if let Some(k) = resync_for {
+                    self.bitmaps.lock().unwrap()[k].clear_covered(offset, u64::from(len));
+                }
+                match r.read(offset, len as usize).await {
+                    Ok(data) => Reply::Data { data },
+                    Err(e) => {
+                        if let Some(k) = resync_for {
+                            self.mark_bits(1 << k, offset, u64::from(len));
+                        }
+                        self.local_failed(&e);
+                        Reply::Error { code: ErrorCode::Io, message: e.to_string() }
+                    }
+                }
+            }
+            _ => Reply::Error {
+                code: ErrorCode::NotInSync,
+                message: format!("the replica of {} on {} is not in sync", self.spec.name, self.ctx.name),
+            },
+        }
+    }
+
+    async fn peer_write(&self, from: usize, sent: u32, epoch: u64, op: Op) -> Reply {
         let (offset, len) = op.range();
         if let Err(e) = check_range(offset, len, self.spec.size) {
             return Reply::Error { code: ErrorCode::OutOfRange, message: e.message };
         }
-        self.flag_outdated(!sent, Some(from));
+        if let Err(reply) = self.check_epoch(from, epoch) {
+            return reply;
+        }
+        let missed = !sent & self.all_peers;
+        self.flag_outdated(missed, Some(from));
         match self.local_replica() {
-            Some((r, s)) if s.receives_writes() => match self.apply_local(&r, &op).await {
+            Some((r, s)) if s.receives_writes() => match self.apply_local(&r, &op, missed).await {
                 Ok(()) => Reply::Ok,
                 Err(e) => {
                     self.local_failed(&e);
@@ -861,7 +1389,8 @@ impl Volume {
             match source {
                 Some((idx, conn)) => {
                     if let Err(e) = self.run_resync(idx, &conn).await {
-                        tracing::warn!(volume = %self.spec.name, source = %self.spec.replicas[idx], error = %e, "resync interrupted; will retry");
+                        tracing::warn!(volume = %self.spec.name, source = %self.spec.replicas[idx], error = %e, "resync interrupted; it resumes where it stopped");
+                        *self.resync_source.lock().unwrap() = None;
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }
@@ -872,144 +1401,206 @@ impl Volume {
         }
     }
 
+    /// An in-sync peer to copy from: the holder of write priority when it qualifies.
     fn pick_source(&self) -> Option<(usize, Arc<PeerConn>)> {
-        self.links.iter().enumerate().find_map(|(i, l)| {
-            let li = l.as_ref()?.inner.lock().unwrap();
+        let holder = self.priority().holder;
+        let mut found: Option<(usize, Arc<PeerConn>)> = None;
+        for (i, l) in self.links.iter().enumerate() {
+            let Some(l) = l else { continue };
+            let li = l.inner.lock().unwrap();
             let ok = li.state == ReplicaState::InSync && li.theirs.as_ref().is_some_and(|t| t.consistent && t.local_ok);
-            ok.then(|| Some((i, li.conn.clone()?)))?
-        })
+            if let (true, Some(c)) = (ok, li.conn.clone()) {
+                if l.name == holder {
+                    return Some((i, c));
+                }
+                found.get_or_insert((i, c));
+            }
+        }
+        found
     }
 
-    /// Copies the whole volume from `idx` while foreground writes continue, then the blocks
-    /// written at the source in the meantime, until nothing is left; then declares the local
-    /// replica consistent.
+    /// Fetches the source's bitmap for this replica and merges it into the local record of
+    /// the blocks this replica lacks.
+    async fn merge_source_bitmap(&self, conn: &PeerConn) -> Result<(), String> {
+        let total = self.bitmaps.lock().unwrap()[self.me].len_bytes();
+        let mut off = 0usize;
+        while off < total {
+            let n = BITMAP_CHUNK.min(total - off);
+            let reply =
+                conn.call(Request::GetBitmap { offset: off as u64, len: n as u32 }).await.map_err(|e| e.to_string())?;
+            let Reply::Data { data } = reply else { return Err(format!("unexpected reply {reply:?}")) };
+            if data.len() != n {
+                return Err(format!("short bitmap read: {} of {n} bytes", data.len()));
+            }
+            if data.iter().any(|b| *b != 0) {
+                self.bitmaps.lock().unwrap()[self.me].or_bytes(off, &data);
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Brings the local replica up to date from peer `idx`: merges what the source recorded
+    /// that this replica missed with what this replica recorded itself, persists that, then
+    /// copies the blocks (paced to the configured rate) while foreground writes continue,
+    /// and repeats until the source has nothing more; then declares the replica consistent.
+    /// Interrupted, it resumes from the persisted record.
     async fn run_resync(&self, idx: usize, conn: &Arc<PeerConn>) -> Result<(), String> {
-        let Some((replica, _)) = self.local_replica() else { return Err("no local replica".into()) };
+        let Some(replica) = self.local_disk() else { return Err("no local replica".into()) };
         let source = self.spec.replicas[idx].clone();
         {
             let mut l = self.local.lock().unwrap();
             l.state = ReplicaState::CatchingUp;
             l.detail = format!("resynchronising from {source}");
-            self.fresh.lock().unwrap().get_or_insert_with(|| BlockSet::new(self.spec.size));
         }
+        *self.resync_source.lock().unwrap() = Some(conn.clone());
         self.broadcast_state();
+        self.merge_source_bitmap(conn).await?;
+        {
+            // What this node recorded against the source (crash, refused writes) is lacking too.
+            let mut b = self.bitmaps.lock().unwrap();
+            let mine = b[idx].clone();
+            b[self.me].or(&mine);
+            b[idx].clear_all();
+        }
+        self.flush_bitmaps(&replica).await.map_err(|e| e.to_string())?;
+        replica.update_meta(|m| m.consistent = false).map_err(|e| e.to_string())?;
+        let total = self.bitmaps.lock().unwrap()[self.me].count() * BLOCK_SIZE;
         *self.resync.lock().unwrap() = ResyncProgress {
             source: Some(source.clone()),
             done_bytes: 0,
-            total_bytes: self.spec.size,
+            total_bytes: total,
             started: Some(Instant::now()),
         };
-        tracing::info!(volume = %self.spec.name, %source, "full resync started");
-        conn.call(Request::ResyncPoll { finish: false }).await.map_err(|e| e.to_string())?;
+        tracing::info!(volume = %self.spec.name, %source, bytes = total, "resync started");
 
-        let chunks: Vec<(u64, u64)> = (0..self.spec.size)
-            .step_by(RESYNC_CHUNK as usize)
-            .map(|o| (o, RESYNC_CHUNK.min(self.spec.size - o)))
-            .collect();
-        self.copy_ranges(&replica, conn, chunks).await?;
         let mut rounds = 0;
         loop {
-            let reply = conn.call(Request::ResyncPoll { finish: true }).await.map_err(|e| e.to_string())?;
-            let Reply::ResyncRanges { ranges, .. } = reply else { return Err(format!("unexpected reply {reply:?}")) };
-            let todo = self.not_fresh(&ranges);
-            if todo.is_empty() {
+            self.copy_lacking(&replica, conn).await?;
+            self.merge_source_bitmap(conn).await?;
+            let left = self.bitmaps.lock().unwrap()[self.me].count() * BLOCK_SIZE;
+            if left == 0 {
                 break;
             }
             rounds += 1;
             if rounds > 10_000 {
                 return Err("resync does not converge".into());
             }
-            self.resync.lock().unwrap().total_bytes += todo.iter().map(|r| r.1).sum::<u64>();
-            self.copy_ranges(&replica, conn, todo).await?;
+            self.resync.lock().unwrap().total_bytes += left;
         }
         replica.flush().await.map_err(|e| e.to_string())?;
         let source_gen =
             self.link(idx).and_then(|l| l.inner.lock().unwrap().theirs.as_ref().map(|t| t.generation)).unwrap_or(1);
+        {
+            // The replica now equals the source: what it recorded as possibly different from
+            // other peers (not known missed writes) no longer applies.
+            let outdated = replica.meta().outdated_peers;
+            let mut b = self.bitmaps.lock().unwrap();
+            for (i, bm) in b.iter_mut().enumerate() {
+                if i != self.me && !outdated.contains(&self.spec.replicas[i]) {
+                    bm.clear_all();
+                }
+            }
+        }
+        self.flush_bitmaps(&replica).await.map_err(|e| e.to_string())?;
         replica
             .update_meta(|m| {
                 m.consistent = true;
                 m.generation = m.generation.max(source_gen).max(1);
             })
             .map_err(|e| e.to_string())?;
+        self.generation_zero.store(false, Ordering::Relaxed);
         {
             let mut l = self.local.lock().unwrap();
-            *self.fresh.lock().unwrap() = None;
             if l.state == ReplicaState::CatchingUp {
                 l.state = ReplicaState::InSync;
                 l.detail.clear();
             }
         }
-        self.generation_zero.store(false, Ordering::Relaxed);
-        let took = self.resync.lock().unwrap().started.map(|s| s.elapsed()).unwrap_or_default();
-        tracing::info!(volume = %self.spec.name, %source, ?took, "resync done; local replica in sync");
+        *self.resync_source.lock().unwrap() = None;
+        let p = self.resync.lock().unwrap().clone();
+        let took = p.started.map(|s| s.elapsed()).unwrap_or_default();
+        tracing::info!(volume = %self.spec.name, %source, ?took, bytes = p.done_bytes, "resync done; local replica in sync");
         self.broadcast_state();
         self.changed.notify_waiters();
         Ok(())
     }
 
-    /// The blocks of `ranges` that no foreground write has covered since resync started.
-    fn not_fresh(&self, ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
-        let fresh = self.fresh.lock().unwrap();
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for &(off, len) in ranges {
-            let mut b = off / BLOCK_SIZE;
-            while b * BLOCK_SIZE < off + len {
-                if !fresh.as_ref().is_some_and(|f| f.contains_block(b)) {
-                    let o = b * BLOCK_SIZE;
-                    match out.last_mut() {
-                        Some((lo, ll)) if *lo + *ll == o && *ll < RESYNC_CHUNK => *ll += BLOCK_SIZE,
-                        _ => out.push((o, BLOCK_SIZE)),
-                    }
-                }
-                b += 1;
-            }
-        }
-        out
-    }
-
-    async fn copy_ranges(
-        &self,
-        replica: &Arc<Replica>,
-        conn: &Arc<PeerConn>,
-        ranges: Vec<(u64, u64)>,
-    ) -> Result<(), String> {
+    /// Copies every block set in the local bitmap from `conn`, checkpointing progress.
+    async fn copy_lacking(&self, replica: &Arc<Replica>, conn: &Arc<PeerConn>) -> Result<(), String> {
         // Pace the copy: a chunk is requested no earlier than the time by which the copy,
         // including this chunk, is within the configured rate.
         let start = tokio::time::Instant::now();
-        let scheduled = std::sync::atomic::AtomicU64::new(0);
         let rate = self.ctx.resync_rate;
-        let scheduled = &scheduled;
-        let mut s = futures::stream::iter(ranges.into_iter().map(|(off, len)| async move {
-            let upto = scheduled.fetch_add(len, Ordering::Relaxed) + len;
-            if rate > 0 {
-                tokio::time::sleep_until(start + Duration::from_secs_f64(upto as f64 / rate as f64)).await;
+        let mut scheduled = 0u64;
+        let mut since_checkpoint = 0u64;
+        let mut cursor = 0u64;
+        let mut inflight = FuturesUnordered::new();
+        loop {
+            while inflight.len() < RESYNC_DEPTH {
+                let run = self.bitmaps.lock().unwrap()[self.me].next_run(cursor, RESYNC_CHUNK / BLOCK_SIZE);
+                let Some((b, n)) = run else { break };
+                cursor = b + n;
+                let (off, len) = (b * BLOCK_SIZE, n * BLOCK_SIZE);
+                scheduled += len;
+                let at = start + Duration::from_secs_f64(if rate > 0 { scheduled as f64 / rate as f64 } else { 0.0 });
+                inflight.push(async move {
+                    tokio::time::sleep_until(at).await;
+                    let reply = conn
+                        .call(Request::ResyncRead { offset: off, len: len as u32 })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let Reply::Data { data } = reply else { return Err(format!("unexpected reply {reply:?}")) };
+                    if data.len() as u64 != len {
+                        return Err(format!("short resync read: {} of {len} bytes", data.len()));
+                    }
+                    self.apply_resync(replica, off, data).await.map_err(|e| e.to_string())?;
+                    Ok(len)
+                });
             }
-            let reply = conn.call(Request::Read { offset: off, len: len as u32 }).await.map_err(|e| e.to_string())?;
-            let Reply::Data { data } = reply else { return Err(format!("unexpected reply {reply:?}")) };
-            if data.len() as u64 != len {
-                return Err(format!("short resync read: {} of {len} bytes", data.len()));
-            }
-            self.apply_resync(replica, off, data).await.map_err(|e| e.to_string())?;
+            let Some(r) = inflight.next().await else { break };
+            let len = r?;
             self.resync.lock().unwrap().done_bytes += len;
-            Ok(())
-        }))
-        .buffer_unordered(RESYNC_DEPTH);
-        while let Some(r) = s.next().await {
-            r?;
+            since_checkpoint += len;
+            if since_checkpoint >= CHECKPOINT_BYTES {
+                since_checkpoint = 0;
+                replica.flush().await.map_err(|e| e.to_string())?;
+                self.flush_bitmaps(replica).await.map_err(|e| e.to_string())?;
+            }
             if self.stopping.load(Ordering::Acquire) {
                 return Err("stopping".into());
             }
         }
+        replica.flush().await.map_err(|e| e.to_string())?;
+        self.flush_bitmaps(replica).await.map_err(|e| e.to_string())?;
         Ok(())
     }
 
-    /// Writes resync data, skipping blocks that a foreground write made fresh.
+    /// Writes resync data for the blocks still lacking (a foreground write may have made
+    /// some current meanwhile) and clears them.
     async fn apply_resync(&self, replica: &Replica, off: u64, data: Bytes) -> std::io::Result<()> {
         let _g = self.apply_locks.lock(off, data.len() as u64).await;
-        let runs = self.not_fresh(&[(off, data.len() as u64)]);
-        for (o, l) in runs {
-            let s = (o - off) as usize;
-            replica.write(o, data.slice(s..s + l as usize), false).await?;
+        let (s, e) = blocks_of(off, data.len() as u64);
+        let mut runs = Vec::new();
+        {
+            let b = self.bitmaps.lock().unwrap();
+            let mut at = s;
+            while let Some((rs, rn)) = b[self.me].next_run(at, e - at) {
+                if rs >= e {
+                    break;
+                }
+                let rn = rn.min(e - rs);
+                runs.push((rs, rn));
+                at = rs + rn;
+                if at >= e {
+                    break;
+                }
+            }
+        }
+        for (rs, rn) in runs {
+            let from = ((rs - s) * BLOCK_SIZE) as usize;
+            replica.write(rs * BLOCK_SIZE, data.slice(from..from + (rn * BLOCK_SIZE) as usize), false).await?;
+            self.bitmaps.lock().unwrap()[self.me].clear_blocks(rs, rs + rn);
         }
         Ok(())
     }
@@ -1021,6 +1612,7 @@ impl Volume {
     }
 
     pub fn report(&self) -> Vec<ReplicaReport> {
+        let oos: Vec<u64> = self.bitmaps.lock().unwrap().iter().map(|b| b.count() * BLOCK_SIZE).collect();
         let mut out = Vec::new();
         for (i, name) in self.spec.replicas.iter().enumerate() {
             if i == self.me {
@@ -1037,6 +1629,7 @@ impl Volume {
                     detail: l.detail.clone(),
                     generation,
                     path,
+                    out_of_sync_bytes: oos[i],
                 });
             } else if let Some(link) = self.link(i) {
                 let li = link.inner.lock().unwrap();
@@ -1047,6 +1640,7 @@ impl Volume {
                     detail: li.detail.clone(),
                     generation: li.theirs.as_ref().map(|t| t.generation).unwrap_or(0),
                     path: String::new(),
+                    out_of_sync_bytes: oos[i],
                 });
             }
         }

@@ -34,7 +34,7 @@ use super::proto::{PROTOCOL_VERSION, check_name};
 /// First eight bytes of every handshake message.
 pub const HANDSHAKE_MAGIC: [u8; 8] = *b"PEERSAN\0";
 /// Oldest frame protocol version this node speaks.
-pub const MIN_VERSION: u16 = 1;
+pub const MIN_VERSION: u16 = 2;
 /// Newest frame protocol version this node speaks.
 pub const MAX_VERSION: u16 = PROTOCOL_VERSION;
 /// Feature bit 0: "upgrade the connection to TLS after the hello". Not implemented; a peer
@@ -799,7 +799,13 @@ mod tests {
     async fn forged_client_proof_is_rejected_and_no_frame_is_read() {
         let (mut c, mut s) = pair().await;
         let attacker = async {
-            let hello = Hello { min_version: 1, max_version: 1, features: 0, nonce: [7; 32], name: "mallory".into() };
+            let hello = Hello {
+                min_version: MIN_VERSION,
+                max_version: MAX_VERSION,
+                features: 0,
+                nonce: [7; 32],
+                name: "mallory".into(),
+            };
             write_msg(&mut c, MSG_HELLO, &hello.encode()).await.unwrap();
             let (ty, _) = read_msg(&mut c).await.unwrap();
             assert_eq!(ty, MSG_HELLO_ACK);
@@ -830,14 +836,20 @@ mod tests {
         // Capture: run a legitimate handshake by hand, recording the client's messages.
         let (mut c, mut s) = pair().await;
         let capture = async {
-            let hello = Hello { min_version: 1, max_version: 1, features: 0, nonce: [1; 32], name: "node-a".into() };
+            let hello = Hello {
+                min_version: MIN_VERSION,
+                max_version: MAX_VERSION,
+                features: 0,
+                nonce: [1; 32],
+                name: "node-a".into(),
+            };
             write_msg(&mut c, MSG_HELLO, &hello.encode()).await.unwrap();
             let (_, body) = read_msg(&mut c).await.unwrap();
             let ack = HelloAck::decode(&body).unwrap();
             let t = Transcript {
-                version: 1,
-                client_min: 1,
-                client_max: 1,
+                version: ack.version,
+                client_min: MIN_VERSION,
+                client_max: MAX_VERSION,
                 client_features: 0,
                 server_features: 0,
                 client_nonce: &hello.nonce,
@@ -866,9 +878,9 @@ mod tests {
         assert!(matches!(sr, Err(HandshakeError::AuthFailed(_))));
         // Reflection: the server's own MAC is not a valid client proof.
         let t = Transcript {
-            version: 1,
-            client_min: 1,
-            client_max: 1,
+            version: MAX_VERSION,
+            client_min: MIN_VERSION,
+            client_max: MAX_VERSION,
             client_features: 0,
             server_features: 0,
             client_nonce: &[0; 32],
@@ -881,22 +893,40 @@ mod tests {
 
     #[tokio::test]
     async fn version_mismatch_names_both_ranges() {
-        // A newer client (2..3) against this server (1..1).
+        assert_eq!((MIN_VERSION, MAX_VERSION), (2, 2));
+        // A version 1 client against this server (2..2).
         let (mut c, mut s) = pair().await;
         let (cr, sr) =
-            tokio::join!(cli_with(&mut c, cfg("node-a", b"k"), (2, 3), 0), srv(&mut s, cfg("node-b", b"k")),);
+            tokio::join!(cli_with(&mut c, cfg("node-a", b"k"), (1, 1), 0), srv(&mut s, cfg("node-b", b"k")),);
         let ce = cr.unwrap_err();
         let se = sr.unwrap_err();
         for e in [&ce, &se] {
             let m = e.to_string();
-            assert!(m.contains("2..3") && m.contains("1..1"), "{m}");
+            assert!(m.contains("1..1") && m.contains("2..2"), "{m}");
         }
-        assert!(matches!(ce, HandshakeError::VersionMismatch { ours: (2, 3), theirs: (1, 1) }));
-        assert!(matches!(se, HandshakeError::VersionMismatch { ours: (1, 1), theirs: (2, 3) }));
-        // This client (1..1) against a newer server (2..3).
+        assert!(matches!(ce, HandshakeError::VersionMismatch { ours: (1, 1), theirs: (2, 2) }));
+        assert!(matches!(se, HandshakeError::VersionMismatch { ours: (2, 2), theirs: (1, 1) }));
+        // This client (2..2) against a version 1 server.
         let (mut c, mut s) = pair().await;
-        let (cr, sr) = tokio::join!(cli(&mut c, cfg("node-a", b"k")), srv_with(&mut s, cfg("node-b", b"k"), (2, 3)),);
-        assert!(matches!(cr, Err(HandshakeError::VersionMismatch { ours: (1, 1), theirs: (2, 3) })));
+        let (cr, sr) = tokio::join!(cli(&mut c, cfg("node-a", b"k")), srv_with(&mut s, cfg("node-b", b"k"), (1, 1)),);
+        assert!(matches!(cr, Err(HandshakeError::VersionMismatch { ours: (2, 2), theirs: (1, 1) })), "{cr:?}");
+        assert!(matches!(sr, Err(HandshakeError::VersionMismatch { ours: (1, 1), theirs: (2, 2) })), "{sr:?}");
+        // A newer client (3..4) against this server (2..2).
+        let (mut c, mut s) = pair().await;
+        let (cr, sr) =
+            tokio::join!(cli_with(&mut c, cfg("node-a", b"k"), (3, 4), 0), srv(&mut s, cfg("node-b", b"k")),);
+        let ce = cr.unwrap_err();
+        let se = sr.unwrap_err();
+        for e in [&ce, &se] {
+            let m = e.to_string();
+            assert!(m.contains("3..4") && m.contains("2..2"), "{m}");
+        }
+        assert!(matches!(ce, HandshakeError::VersionMismatch { ours: (3, 4), theirs: (2, 2) }));
+        assert!(matches!(se, HandshakeError::VersionMismatch { ours: (2, 2), theirs: (3, 4) }));
+        // This client (2..2) against a newer server (3..4).
+        let (mut c, mut s) = pair().await;
+        let (cr, sr) = tokio::join!(cli(&mut c, cfg("node-a", b"k")), srv_with(&mut s, cfg("node-b", b"k"), (3, 4)),);
+        assert!(matches!(cr, Err(HandshakeError::VersionMismatch { ours: (2, 2), theirs: (3, 4) })));
         assert!(sr.is_err());
         // Overlapping ranges pick the highest common version.
         let (mut c, mut s) = pair().await;
@@ -911,8 +941,10 @@ mod tests {
     #[tokio::test]
     async fn tls_feature_is_refused_clearly_and_optional_bits_are_ignored() {
         let (mut c, mut s) = pair().await;
-        let (cr, sr) =
-            tokio::join!(cli_with(&mut c, cfg("node-a", b"k"), (1, 1), FEATURE_TLS), srv(&mut s, cfg("node-b", b"k")),);
+        let (cr, sr) = tokio::join!(
+            cli_with(&mut c, cfg("node-a", b"k"), (MIN_VERSION, MAX_VERSION), FEATURE_TLS),
+            srv(&mut s, cfg("node-b", b"k")),
+        );
         let ce = cr.unwrap_err();
         let se = sr.unwrap_err();
         for e in [&ce, &se] {
@@ -922,8 +954,10 @@ mod tests {
         }
         // Optional (bit >= 16) features that the server does not know are simply not enabled.
         let (mut c, mut s) = pair().await;
-        let (cr, sr) =
-            tokio::join!(cli_with(&mut c, cfg("node-a", b"k"), (1, 1), 1 << 20), srv(&mut s, cfg("node-b", b"k")),);
+        let (cr, sr) = tokio::join!(
+            cli_with(&mut c, cfg("node-a", b"k"), (MIN_VERSION, MAX_VERSION), 1 << 20),
+            srv(&mut s, cfg("node-b", b"k")),
+        );
         assert_eq!(cr.unwrap().features, 0);
         assert_eq!(sr.unwrap().features, 0);
     }
@@ -979,7 +1013,9 @@ mod tests {
 
         // Name longer than 253 bytes.
         let (mut c, mut s) = pair().await;
-        let mut body = Hello { min_version: 1, max_version: 1, features: 0, nonce: [0; 32], name: "n".into() }.encode();
+        let mut body =
+            Hello { min_version: MIN_VERSION, max_version: MAX_VERSION, features: 0, nonce: [0; 32], name: "n".into() }
+                .encode();
         body.truncate(40);
         body.push(254);
         body.extend_from_slice(&[b'x'; 254]);
@@ -1006,9 +1042,9 @@ mod tests {
     fn documented_test_vectors() {
         let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
         let t = Transcript {
-            version: 1,
-            client_min: 1,
-            client_max: 1,
+            version: 2,
+            client_min: 2,
+            client_max: 2,
             client_features: 0,
             server_features: 0,
             client_nonce: &[0x11; 32],
@@ -1018,16 +1054,16 @@ mod tests {
         };
         assert_eq!(
             hex(&tag(transcript_mac(b"secret", "server", &t))),
-            "37a747037df8eceecf351f582303229b64d416c47cd1293899c8271d52c8b769"
+            "efdc75508201c4a746ece8384ed61aea3114b2d3721fe4788b3ab05100bc77c2"
         );
         assert_eq!(
             hex(&tag(transcript_mac(b"secret", "client", &t))),
-            "8879a9957829ef309425dffeab240a1f2a1f5511fa8b2e63ef2391be8140d454"
+            "3d03951cd9e1836e3b2295f6b7b487e89b1f989b2e9c233adead71ee596a0cbf"
         );
-        let hello = Hello { min_version: 1, max_version: 1, features: 0, nonce: [0x11; 32], name: "node-a".into() };
+        let hello = Hello { min_version: 2, max_version: 2, features: 0, nonce: [0x11; 32], name: "node-a".into() };
         let body = hello.encode();
         assert_eq!(body.len(), 0x2f);
-        assert_eq!(hex(&body[..8]), "0100010000000000");
+        assert_eq!(hex(&body[..8]), "0200020000000000");
         assert_eq!(hex(&body[40..]), "066e6f64652d61");
     }
 

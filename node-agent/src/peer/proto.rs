@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// Version of the frame protocol described here (negotiated by the handshake).
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest data payload of a `Write` request or a `Data` reply (and largest `Read` length).
 pub const MAX_DATA: usize = 32 << 20;
 /// Largest frame body accepted or produced: [`MAX_DATA`] plus room for the fixed fields.
@@ -36,19 +36,21 @@ pub const HEADER_LEN: usize = 32;
 pub const FRAME_MAGIC: [u8; 4] = *b"PSF1";
 /// Longest volume / node / replica name, in bytes (a DNS subdomain / Kubernetes object name).
 pub const MAX_NAME_LEN: usize = 253;
-/// Most entries in `ReplicaStateMsg::outdated_peers` (replica bitmasks are 32 bits wide).
+/// Most entries in `ReplicaStateMsg::outdated_peers` and `ReplicaStateMsg::dirty_peers`
+/// (replica bitmasks are 32 bits wide).
 pub const MAX_PEERS: usize = 32;
 /// Longest `Reply::Error` message in bytes; longer messages are truncated by the encoder.
 pub const MAX_MESSAGE_LEN: usize = 4096;
-/// Most `(offset, len)` pairs in one `Reply::ResyncRanges`.
-pub const MAX_RANGES: usize = 1 << 20;
+/// Size of the block that one bit of an out-of-sync bitmap stands for (`Request::GetBitmap`).
+pub const BITMAP_BLOCK: u64 = 4096;
 
 /// Write flags
 pub const WF_FUA: u8 = 1; // durable before reply
-/// Marks a resync copy pushed by a source. Resync pulls with `Read` today, so the engine never
-/// sets it; it is part of the format so that a pushing source can be added compatibly.
+/// Marks a resync copy pushed by a source. Resync is pulled by the target with `ResyncRead`, so
+/// the engine never sets it; it is part of the format so that a pushing source can be added
+/// compatibly.
 pub const WF_RESYNC: u8 = 2;
-/// All write flags defined by protocol version 1; any other bit is rejected.
+/// All write flags defined by protocol version 2; any other bit is rejected.
 pub const WF_ALL: u8 = WF_FUA | WF_RESYNC;
 
 /// Frame kinds (header byte 8). Bit 7 set = reply.
@@ -60,15 +62,17 @@ pub mod kind {
     pub const READ: u8 = 0x05;
     pub const FLUSH: u8 = 0x06;
     pub const STATE: u8 = 0x07;
-    pub const RESYNC_POLL: u8 = 0x08;
+    pub const GET_BITMAP: u8 = 0x08;
     pub const PING: u8 = 0x09;
     pub const CREATE_VOLUME: u8 = 0x0a;
     pub const DELETE_VOLUME: u8 = 0x0b;
+    pub const RESYNC_READ: u8 = 0x0c;
+    pub const RESOLVE: u8 = 0x0d;
 
     pub const OK: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
     pub const DATA: u8 = 0x83;
-    pub const RESYNC_RANGES: u8 = 0x84;
+    pub const FENCED: u8 = 0x84;
     pub const PONG: u8 = 0x85;
     pub const ERROR: u8 = 0x86;
 
@@ -87,14 +91,16 @@ pub mod kind {
             READ => "Read",
             FLUSH => "Flush",
             STATE => "State",
-            RESYNC_POLL => "ResyncPoll",
+            GET_BITMAP => "GetBitmap",
             PING => "Ping",
             CREATE_VOLUME => "CreateVolume",
             DELETE_VOLUME => "DeleteVolume",
+            RESYNC_READ => "ResyncRead",
+            RESOLVE => "Resolve",
             OK => "Ok",
             OPENED => "Opened",
             DATA => "Data",
-            RESYNC_RANGES => "ResyncRanges",
+            FENCED => "Fenced",
             PONG => "Pong",
             ERROR => "Error",
             _ => "unknown",
@@ -105,8 +111,6 @@ pub mod kind {
 // ReplicaStateMsg flag bits.
 const SF_CONSISTENT: u8 = 1;
 const SF_LOCAL_OK: u8 = 2;
-// ResyncPoll / ResyncRanges flag bit.
-const RF_FLAG: u8 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaStateMsg {
@@ -115,6 +119,13 @@ pub struct ReplicaStateMsg {
     pub size: u64,                   // volume size in bytes
     pub outdated_peers: Vec<String>, // names of replicas this replica knows missed writes
     pub local_ok: bool,              // the sender's local replica is usable (not failed/diskless)
+    /// Newest write-priority epoch the sender knows.
+    pub epoch: u64,
+    /// Node holding write priority at `epoch`; empty if the sender does not know it.
+    pub holder: String,
+    /// Replicas for which the sender has out-of-sync bits but which it does not know to have
+    /// missed acknowledged writes.
+    pub dirty_peers: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,12 +137,14 @@ pub enum Request {
         state: ReplicaStateMsg,
     },
     /// `insync` / `sent`: bitmasks of replica indices (volume's sorted replica list) that the
-    /// origin considers in sync / that this write is being sent to.
+    /// origin considers in sync / that this write is being sent to. `epoch`: the writer's
+    /// write-priority epoch; a receiver that knows a newer one answers `Reply::Fenced`.
     Write {
         offset: u64,
         flags: u8,
         insync: u32,
         sent: u32,
+        epoch: u64,
         data: Bytes,
     },
     WriteZeroes {
@@ -140,6 +153,7 @@ pub enum Request {
         flags: u8,
         insync: u32,
         sent: u32,
+        epoch: u64,
     },
     Trim {
         offset: u64,
@@ -147,6 +161,7 @@ pub enum Request {
         flags: u8,
         insync: u32,
         sent: u32,
+        epoch: u64,
     },
     Read {
         offset: u64,
@@ -157,10 +172,12 @@ pub enum Request {
     State {
         state: ReplicaStateMsg,
     },
-    /// Resync control: the sender (target) asks the receiver (source) to report and clear the
-    /// blocks it must copy again; `finish` = target believes it is done.
-    ResyncPoll {
-        finish: bool,
+    /// The sender asks for bytes `[offset, offset + len)` of the receiver's out-of-sync bitmap
+    /// for the sender: one bit per [`BITMAP_BLOCK`] bytes of the volume, bit `i` of byte `j`
+    /// standing for block `8 * j + i`. Answered with `Reply::Data`.
+    GetBitmap {
+        offset: u64,
+        len: u32,
     },
     Ping,
     /// Volume lifecycle (first and only request on a connection, no `Open`): create the
@@ -174,6 +191,17 @@ pub enum Request {
     DeleteVolume {
         volume: String,
     },
+    /// Like `Read`, but a resync copy: the receiver (the source) clears the sender's
+    /// out-of-sync bits for the blocks it returns. Answered with `Reply::Data`.
+    ResyncRead {
+        offset: u64,
+        len: u32,
+    },
+    /// Split-brain resolution: the receiver discards its own changes made while split from
+    /// `keep` and resynchronises from it.
+    Resolve {
+        keep: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,10 +213,11 @@ pub enum Reply {
     Data {
         data: Bytes,
     },
-    /// ranges (offset, len) to copy again; `done` = source agrees the target is in sync
-    ResyncRanges {
-        ranges: Vec<(u64, u64)>,
-        done: bool,
+    /// The write was not executed: the receiver knows a newer write-priority epoch, `epoch`,
+    /// held by `holder` (empty if not known).
+    Fenced {
+        epoch: u64,
+        holder: String,
     },
     Pong,
     Error {
@@ -267,10 +296,12 @@ impl Request {
             Request::Read { .. } => kind::READ,
             Request::Flush => kind::FLUSH,
             Request::State { .. } => kind::STATE,
-            Request::ResyncPoll { .. } => kind::RESYNC_POLL,
+            Request::GetBitmap { .. } => kind::GET_BITMAP,
             Request::Ping => kind::PING,
             Request::CreateVolume { .. } => kind::CREATE_VOLUME,
             Request::DeleteVolume { .. } => kind::DELETE_VOLUME,
+            Request::ResyncRead { .. } => kind::RESYNC_READ,
+            Request::Resolve { .. } => kind::RESOLVE,
         }
     }
 
@@ -283,11 +314,11 @@ impl Request {
         match self {
             Request::Open { volume, from_node, state } => 1 + volume.len() + 1 + from_node.len() + state_len(state),
             Request::Write { data, .. } => WRITE_PREFIX + data.len(),
-            Request::WriteZeroes { .. } | Request::Trim { .. } => 25,
-            Request::Read { .. } => 12,
+            Request::WriteZeroes { .. } | Request::Trim { .. } => 33,
+            Request::Read { .. } | Request::GetBitmap { .. } | Request::ResyncRead { .. } => 12,
             Request::Flush | Request::Ping => 0,
             Request::State { state } => state_len(state),
-            Request::ResyncPoll { .. } => 1,
+            Request::Resolve { keep } => 1 + keep.len(),
             Request::CreateVolume { volume, replicas, .. } => {
                 1 + volume.len() + 8 + 1 + replicas.iter().map(|r| 1 + r.len()).sum::<usize>()
             }
@@ -314,14 +345,17 @@ impl Request {
                 check_flags_enc(*flags)?;
                 check_range_enc(*offset, *len, "offset+len")
             }
-            Request::Read { offset, len } => {
+            Request::Read { offset, len }
+            | Request::GetBitmap { offset, len }
+            | Request::ResyncRead { offset, len } => {
                 if *len as usize > MAX_DATA {
                     return Err(unencodable("len", format!("{len} bytes > MAX_DATA")));
                 }
                 check_range_enc(*offset, u64::from(*len), "offset+len")
             }
             Request::State { state } => check_state_enc(state),
-            Request::Flush | Request::Ping | Request::ResyncPoll { .. } => Ok(()),
+            Request::Flush | Request::Ping => Ok(()),
+            Request::Resolve { keep } => check_name_enc(keep, "keep"),
             Request::CreateVolume { volume, replicas, .. } => {
                 check_name_enc(volume, "volume")?;
                 if replicas.len() > MAX_PEERS {
@@ -344,7 +378,7 @@ impl Reply {
             Reply::Ok => kind::OK,
             Reply::Opened { .. } => kind::OPENED,
             Reply::Data { .. } => kind::DATA,
-            Reply::ResyncRanges { .. } => kind::RESYNC_RANGES,
+            Reply::Fenced { .. } => kind::FENCED,
             Reply::Pong => kind::PONG,
             Reply::Error { .. } => kind::ERROR,
         }
@@ -360,7 +394,7 @@ impl Reply {
             Reply::Ok | Reply::Pong => 0,
             Reply::Opened { state } => state_len(state),
             Reply::Data { data } => data.len(),
-            Reply::ResyncRanges { ranges, .. } => 5 + 16 * ranges.len(),
+            Reply::Fenced { holder, .. } => 8 + 1 + holder.len(),
             Reply::Error { message, .. } => 4 + truncate_utf8(message, MAX_MESSAGE_LEN).len(),
         }
     }
@@ -376,15 +410,7 @@ impl Reply {
                     Ok(())
                 }
             }
-            Reply::ResyncRanges { ranges, .. } => {
-                if ranges.len() > MAX_RANGES {
-                    return Err(unencodable("ranges", format!("{} ranges > MAX_RANGES ({MAX_RANGES})", ranges.len())));
-                }
-                for &(off, len) in ranges {
-                    check_range_enc(off, len, "ranges")?;
-                }
-                Ok(())
-            }
+            Reply::Fenced { holder, .. } => check_opt_name_enc(holder, "holder"),
         }
     }
 }
@@ -505,6 +531,25 @@ fn check_name_enc(name: &str, field: &'static str) -> Result<(), ProtoError> {
     check_name(name).map_err(|reason| unencodable(field, reason))
 }
 
+/// Like [`check_name`], but the empty string ("not known") is allowed.
+fn check_opt_name(name: &str) -> Result<(), String> {
+    if name.is_empty() { Ok(()) } else { check_name(name) }
+}
+
+fn check_opt_name_enc(name: &str, field: &'static str) -> Result<(), ProtoError> {
+    check_opt_name(name).map_err(|reason| unencodable(field, reason))
+}
+
+fn check_names_enc(names: &[String], field: &'static str) -> Result<(), ProtoError> {
+    if names.len() > MAX_PEERS {
+        return Err(unencodable(field, format!("has {} entries, the maximum is {MAX_PEERS}", names.len())));
+    }
+    for n in names {
+        check_name_enc(n, field)?;
+    }
+    Ok(())
+}
+
 fn check_flags_enc(flags: u8) -> Result<(), ProtoError> {
     if flags & !WF_ALL != 0 {
         return Err(unencodable("flags", format!("has undefined write flag bits {:#04x}", flags & !WF_ALL)));
@@ -520,20 +565,17 @@ fn check_range_enc(offset: u64, len: u64, field: &'static str) -> Result<(), Pro
 }
 
 fn check_state_enc(s: &ReplicaStateMsg) -> Result<(), ProtoError> {
-    if s.outdated_peers.len() > MAX_PEERS {
-        return Err(unencodable(
-            "outdated_peers",
-            format!("has {} entries, the maximum is {MAX_PEERS}", s.outdated_peers.len()),
-        ));
-    }
-    for p in &s.outdated_peers {
-        check_name_enc(p, "outdated_peers")?;
-    }
-    Ok(())
+    check_names_enc(&s.outdated_peers, "outdated_peers")?;
+    check_opt_name_enc(&s.holder, "holder")?;
+    check_names_enc(&s.dirty_peers, "dirty_peers")
+}
+
+fn names_len(names: &[String]) -> usize {
+    1 + names.iter().map(|n| 1 + n.len()).sum::<usize>()
 }
 
 fn state_len(s: &ReplicaStateMsg) -> usize {
-    1 + 8 + 8 + 1 + s.outdated_peers.iter().map(|p| 1 + p.len()).sum::<usize>()
+    1 + 8 + 8 + names_len(&s.outdated_peers) + 8 + 1 + s.holder.len() + names_len(&s.dirty_peers)
 }
 
 /// Longest prefix of `s` that is at most `max` bytes and ends on a char boundary.
@@ -548,7 +590,7 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-const WRITE_PREFIX: usize = 8 + 1 + 4 + 4;
+const WRITE_PREFIX: usize = 8 + 1 + 4 + 4 + 8;
 
 // ------------------------------------------------------------------------------------------
 // Encoding
@@ -577,7 +619,7 @@ fn finish_frame_with_tail(dst: &mut BytesMut, start: usize, kind: u8, id: u64, t
     hdr[0..4].copy_from_slice(&FRAME_MAGIC);
     hdr[4..8].copy_from_slice(&(body_len as u32).to_le_bytes());
     hdr[8] = kind;
-    hdr[9] = 0; // flags: none defined in version 1
+    hdr[9] = 0; // flags: none defined in version 2
     hdr[10..12].copy_from_slice(&0u16.to_le_bytes());
     hdr[12..20].copy_from_slice(&id.to_le_bytes());
     hdr[20..24].copy_from_slice(&body_crc.to_le_bytes());
@@ -602,10 +644,26 @@ fn put_state(dst: &mut BytesMut, s: &ReplicaStateMsg) {
     dst.put_u8(f);
     dst.put_u64_le(s.generation);
     dst.put_u64_le(s.size);
-    dst.put_u8(s.outdated_peers.len() as u8);
-    for p in &s.outdated_peers {
-        put_name(dst, p);
+    put_names(dst, &s.outdated_peers);
+    dst.put_u64_le(s.epoch);
+    put_name(dst, &s.holder);
+    put_names(dst, &s.dirty_peers);
+}
+
+fn put_names(dst: &mut BytesMut, names: &[String]) {
+    dst.put_u8(names.len() as u8);
+    for n in names {
+        put_name(dst, n);
     }
+}
+
+/// The fixed fields of a `Write` body, in front of the data ([`WRITE_PREFIX`] bytes).
+fn put_write_prefix(dst: &mut BytesMut, offset: u64, flags: u8, insync: u32, sent: u32, epoch: u64) {
+    dst.put_u64_le(offset);
+    dst.put_u8(flags);
+    dst.put_u32_le(insync);
+    dst.put_u32_le(sent);
+    dst.put_u64_le(epoch);
 }
 
 /// Appends one request frame to `dst`. On error nothing is appended.
@@ -618,37 +676,32 @@ pub fn encode_request(id: u64, req: &Request, dst: &mut BytesMut) -> Result<(), 
             put_name(dst, from_node);
             put_state(dst, state);
         }
-        Request::Write { offset, flags, insync, sent, data } => {
-            dst.put_u64_le(*offset);
-            dst.put_u8(*flags);
-            dst.put_u32_le(*insync);
-            dst.put_u32_le(*sent);
+        Request::Write { offset, flags, insync, sent, epoch, data } => {
+            put_write_prefix(dst, *offset, *flags, *insync, *sent, *epoch);
             dst.put_slice(data);
         }
-        Request::WriteZeroes { offset, len, flags, insync, sent }
-        | Request::Trim { offset, len, flags, insync, sent } => {
+        Request::WriteZeroes { offset, len, flags, insync, sent, epoch }
+        | Request::Trim { offset, len, flags, insync, sent, epoch } => {
             dst.put_u64_le(*offset);
             dst.put_u64_le(*len);
             dst.put_u8(*flags);
             dst.put_u32_le(*insync);
             dst.put_u32_le(*sent);
+            dst.put_u64_le(*epoch);
         }
-        Request::Read { offset, len } => {
+        Request::Read { offset, len } | Request::GetBitmap { offset, len } | Request::ResyncRead { offset, len } => {
             dst.put_u64_le(*offset);
             dst.put_u32_le(*len);
         }
         Request::Flush | Request::Ping => {}
         Request::State { state } => put_state(dst, state),
-        Request::ResyncPoll { finish } => dst.put_u8(if *finish { RF_FLAG } else { 0 }),
         Request::CreateVolume { volume, size, replicas } => {
             put_name(dst, volume);
             dst.put_u64_le(*size);
-            dst.put_u8(replicas.len() as u8);
-            for r in replicas {
-                put_name(dst, r);
-            }
+            put_names(dst, replicas);
         }
         Request::DeleteVolume { volume } => put_name(dst, volume),
+        Request::Resolve { keep } => put_name(dst, keep),
     }
     finish_frame(dst, start, req.kind(), id);
     Ok(())
@@ -663,13 +716,9 @@ pub fn encode_reply(id: u64, reply: &Reply, dst: &mut BytesMut) -> Result<(), Pr
         Reply::Ok | Reply::Pong => {}
         Reply::Opened { state } => put_state(dst, state),
         Reply::Data { data } => dst.put_slice(data),
-        Reply::ResyncRanges { ranges, done } => {
-            dst.put_u8(if *done { RF_FLAG } else { 0 });
-            dst.put_u32_le(ranges.len() as u32);
-            for &(off, len) in ranges {
-                dst.put_u64_le(off);
-                dst.put_u64_le(len);
-            }
+        Reply::Fenced { epoch, holder } => {
+            dst.put_u64_le(*epoch);
+            put_name(dst, holder);
         }
         Reply::Error { code, message } => {
             let msg = truncate_utf8(message, MAX_MESSAGE_LEN);
@@ -691,13 +740,10 @@ pub const VECTORED_MIN: usize = 16 << 10;
 /// is returned, to be sent right after them (vectored I/O, no copy).
 pub fn encode_request_vectored(id: u64, req: &Request, dst: &mut BytesMut) -> Result<Option<Bytes>, ProtoError> {
     match req {
-        Request::Write { offset, flags, insync, sent, data } if data.len() >= VECTORED_MIN => {
+        Request::Write { offset, flags, insync, sent, epoch, data } if data.len() >= VECTORED_MIN => {
             req.validate()?;
             let start = begin_frame(dst, WRITE_PREFIX);
-            dst.put_u64_le(*offset);
-            dst.put_u8(*flags);
-            dst.put_u32_le(*insync);
-            dst.put_u32_le(*sent);
+            put_write_prefix(dst, *offset, *flags, *insync, *sent, *epoch);
             finish_frame_with_tail(dst, start, kind::WRITE, id, data);
             Ok(Some(data.clone()))
         }
@@ -839,12 +885,36 @@ impl<'a> BodyReader<'a> {
         }
         Ok(f)
     }
-    fn bit_flag(&mut self, field: &'static str) -> Result<bool, ProtoError> {
-        let f = self.u8(field)?;
-        if f & !RF_FLAG != 0 {
-            return Err(self.reserved(field, u64::from(f)));
+    /// A name that may be empty ("not known").
+    fn opt_name(&mut self, field: &'static str) -> Result<String, ProtoError> {
+        let len = self.u8(field)? as usize;
+        let raw = self.take(len, field)?;
+        let s = std::str::from_utf8(raw).map_err(|e| self.invalid(field, format!("not UTF-8: {e}")))?;
+        check_opt_name(s).map_err(|reason| self.invalid(field, reason))?;
+        Ok(s.to_owned())
+    }
+    /// `count: u8` (≤ [`MAX_PEERS`]) followed by `count` names.
+    fn names(&mut self, field: &'static str) -> Result<Vec<String>, ProtoError> {
+        let count = self.u8(field)? as usize;
+        if count > MAX_PEERS {
+            return Err(self.invalid(field, format!("{count} entries, the maximum is {MAX_PEERS}")));
         }
-        Ok(f & RF_FLAG != 0)
+        let mut names = Vec::with_capacity(count);
+        for _ in 0..count {
+            names.push(self.name(field)?);
+        }
+        Ok(names)
+    }
+    /// `offset u64, len u32` of `Read`, `GetBitmap` and `ResyncRead`.
+    fn read_range(&mut self) -> Result<(u64, u32), ProtoError> {
+        let offset = self.u64("offset")?;
+        let len = self.u32("len")?;
+        self.finish()?;
+        if len as usize > MAX_DATA {
+            return Err(self.invalid("len", format!("{len} bytes > MAX_DATA ({MAX_DATA})")));
+        }
+        self.range(offset, u64::from(len), "offset+len")?;
+        Ok((offset, len))
     }
     fn range(&self, offset: u64, len: u64, field: &'static str) -> Result<(), ProtoError> {
         if offset.checked_add(len).is_none() {
@@ -859,20 +929,19 @@ impl<'a> BodyReader<'a> {
         }
         let generation = self.u64("state.generation")?;
         let size = self.u64("state.size")?;
-        let count = self.u8("state.outdated_peers")? as usize;
-        if count > MAX_PEERS {
-            return Err(self.invalid("state.outdated_peers", format!("{count} entries, the maximum is {MAX_PEERS}")));
-        }
-        let mut outdated_peers = Vec::with_capacity(count);
-        for _ in 0..count {
-            outdated_peers.push(self.name("state.outdated_peers")?);
-        }
+        let outdated_peers = self.names("state.outdated_peers")?;
+        let epoch = self.u64("state.epoch")?;
+        let holder = self.opt_name("state.holder")?;
+        let dirty_peers = self.names("state.dirty_peers")?;
         Ok(ReplicaStateMsg {
             consistent: f & SF_CONSISTENT != 0,
             generation,
             size,
             outdated_peers,
             local_ok: f & SF_LOCAL_OK != 0,
+            epoch,
+            holder,
+            dirty_peers,
         })
     }
     fn finish(&self) -> Result<(), ProtoError> {
@@ -901,6 +970,7 @@ fn parse_body(hdr: &FrameHeader, body: Bytes) -> Result<Frame, ProtoError> {
             let flags = r.write_flags()?;
             let insync = r.u32("insync")?;
             let sent = r.u32("sent")?;
+            let epoch = r.u64("epoch")?;
             let start = r.pos;
             let len = body.len() - start;
             if len > MAX_DATA {
@@ -908,7 +978,8 @@ fn parse_body(hdr: &FrameHeader, body: Bytes) -> Result<Frame, ProtoError> {
             }
             r.range(offset, len as u64, "offset+len")?;
             r.pos = body.len(); // the data runs to the end of the body
-            Frame::Request { id, req: Request::Write { offset, flags, insync, sent, data: body.slice(start..) } }
+            let data = body.slice(start..);
+            Frame::Request { id, req: Request::Write { offset, flags, insync, sent, epoch, data } }
         }
         kind::WRITE_ZEROES | kind::TRIM => {
             let offset = r.u64("offset")?;
@@ -916,23 +987,18 @@ fn parse_body(hdr: &FrameHeader, body: Bytes) -> Result<Frame, ProtoError> {
             let flags = r.write_flags()?;
             let insync = r.u32("insync")?;
             let sent = r.u32("sent")?;
+            let epoch = r.u64("epoch")?;
             r.finish()?;
             r.range(offset, len, "offset+len")?;
             let req = if k == kind::TRIM {
-                Request::Trim { offset, len, flags, insync, sent }
+                Request::Trim { offset, len, flags, insync, sent, epoch }
             } else {
-                Request::WriteZeroes { offset, len, flags, insync, sent }
+                Request::WriteZeroes { offset, len, flags, insync, sent, epoch }
             };
             Frame::Request { id, req }
         }
         kind::READ => {
-            let offset = r.u64("offset")?;
-            let len = r.u32("len")?;
-            r.finish()?;
-            if len as usize > MAX_DATA {
-                return Err(r.invalid("len", format!("{len} bytes > MAX_DATA ({MAX_DATA})")));
-            }
-            r.range(offset, u64::from(len), "offset+len")?;
+            let (offset, len) = r.read_range()?;
             Frame::Request { id, req: Request::Read { offset, len } }
         }
         kind::FLUSH => {
@@ -943,9 +1009,9 @@ fn parse_body(hdr: &FrameHeader, body: Bytes) -> Result<Frame, ProtoError> {
             let state = r.state()?;
             Frame::Request { id, req: Request::State { state } }
         }
-        kind::RESYNC_POLL => {
-            let finish = r.bit_flag("finish")?;
-            Frame::Request { id, req: Request::ResyncPoll { finish } }
+        kind::GET_BITMAP => {
+            let (offset, len) = r.read_range()?;
+            Frame::Request { id, req: Request::GetBitmap { offset, len } }
         }
         kind::PING => {
             r.finish()?;
@@ -954,14 +1020,7 @@ fn parse_body(hdr: &FrameHeader, body: Bytes) -> Result<Frame, ProtoError> {
         kind::CREATE_VOLUME => {
             let volume = r.name("volume")?;
             let size = r.u64("size")?;
-            let n = r.u8("replicas")? as usize;
-            if n > MAX_PEERS {
-                return Err(r.invalid("replicas", format!("{n} names > MAX_PEERS ({MAX_PEERS})")));
-            }
-            let mut replicas = Vec::with_capacity(n);
-            for _ in 0..n {
-                replicas.push(r.name("replicas")?);
-            }
+            let replicas = r.names("replicas")?;
             r.finish()?;
             Frame::Request { id, req: Request::CreateVolume { volume, size, replicas } }
         }
@@ -969,6 +1028,15 @@ fn parse_body(hdr: &FrameHeader, body: Bytes) -> Result<Frame, ProtoError> {
             let volume = r.name("volume")?;
             r.finish()?;
             Frame::Request { id, req: Request::DeleteVolume { volume } }
+        }
+        kind::RESYNC_READ => {
+            let (offset, len) = r.read_range()?;
+            Frame::Request { id, req: Request::ResyncRead { offset, len } }
+        }
+        kind::RESOLVE => {
+            let keep = r.name("keep")?;
+            r.finish()?;
+            Frame::Request { id, req: Request::Resolve { keep } }
         }
         kind::OK => {
             r.finish()?;
@@ -985,24 +1053,10 @@ fn parse_body(hdr: &FrameHeader, body: Bytes) -> Result<Frame, ProtoError> {
             r.pos = body.len(); // the whole body is data
             Frame::Reply { id, reply: Reply::Data { data: body.clone() } }
         }
-        kind::RESYNC_RANGES => {
-            let done = r.bit_flag("done")?;
-            let count = r.u32("count")? as usize;
-            if count > MAX_RANGES {
-                return Err(r.invalid("count", format!("{count} ranges, the maximum is {MAX_RANGES}")));
-            }
-            // Bound the allocation by what the body can actually hold.
-            if (body.len() - r.pos) / 16 < count {
-                return Err(ProtoError::ShortBody { id, kind: k, field: "ranges" });
-            }
-            let mut ranges = Vec::with_capacity(count);
-            for _ in 0..count {
-                let off = r.u64("ranges")?;
-                let len = r.u64("ranges")?;
-                r.range(off, len, "ranges")?;
-                ranges.push((off, len));
-            }
-            Frame::Reply { id, reply: Reply::ResyncRanges { ranges, done } }
+        kind::FENCED => {
+            let epoch = r.u64("epoch")?;
+            let holder = r.opt_name("holder")?;
+            Frame::Reply { id, reply: Reply::Fenced { epoch, holder } }
         }
         kind::PONG => {
             r.finish()?;
@@ -1058,7 +1112,7 @@ impl Decoder for PeerCodec {
         if actual != hdr.body_crc {
             return Err(ProtoError::BodyChecksum { id: hdr.id, kind: hdr.kind, expected: hdr.body_crc, actual });
         }
-        if !matches!(hdr.kind, 0x01..=0x0b | 0x81..=0x86) {
+        if !matches!(hdr.kind, 0x01..=0x0d | 0x81..=0x86) {
             return Err(ProtoError::UnknownKind { id: hdr.id, kind: hdr.kind });
         }
         for (field, value) in [
@@ -1138,6 +1192,9 @@ mod tests {
             size: 1 << 30,
             outdated_peers: peers.iter().map(|s| s.to_string()).collect(),
             local_ok: false,
+            epoch: 7,
+            holder: "node-a".into(),
+            dirty_peers: vec!["node-d".into()],
         }
     }
 
@@ -1149,17 +1206,34 @@ mod tests {
                 flags: WF_FUA,
                 insync: 0b101,
                 sent: 0b100,
+                epoch: 3,
                 data: Bytes::from(vec![7u8; 4096]),
             },
-            Request::Write { offset: 0, flags: 0, insync: 0, sent: 0, data: Bytes::new() },
-            Request::WriteZeroes { offset: 1 << 20, len: 1 << 21, flags: WF_RESYNC, insync: 1, sent: 2 },
-            Request::Trim { offset: 512, len: 1024, flags: WF_FUA | WF_RESYNC, insync: u32::MAX, sent: 3 },
+            Request::Write { offset: 0, flags: 0, insync: 0, sent: 0, epoch: 0, data: Bytes::new() },
+            Request::WriteZeroes { offset: 1 << 20, len: 1 << 21, flags: WF_RESYNC, insync: 1, sent: 2, epoch: 1 },
+            Request::Trim {
+                offset: 512,
+                len: 1024,
+                flags: WF_FUA | WF_RESYNC,
+                insync: u32::MAX,
+                sent: 3,
+                epoch: u64::MAX,
+            },
             Request::Read { offset: 8192, len: 65536 },
             Request::Flush,
             Request::State { state: st(&[]) },
-            Request::ResyncPoll { finish: true },
-            Request::ResyncPoll { finish: false },
+            Request::State {
+                state: ReplicaStateMsg {
+                    epoch: 0,
+                    holder: String::new(),
+                    dirty_peers: vec!["node-b".into(), "nöde-c".into()],
+                    ..st(&["node-b"])
+                },
+            },
+            Request::GetBitmap { offset: 4096, len: 8192 },
             Request::Ping,
+            Request::ResyncRead { offset: 1 << 20, len: 1 << 20 },
+            Request::Resolve { keep: "node-b".into() },
         ]
     }
 
@@ -1168,8 +1242,8 @@ mod tests {
             Reply::Ok,
             Reply::Opened { state: st(&["x"]) },
             Reply::Data { data: Bytes::from_static(b"hello world") },
-            Reply::ResyncRanges { ranges: vec![(0, 4096), (1 << 30, 1 << 20)], done: false },
-            Reply::ResyncRanges { ranges: vec![], done: true },
+            Reply::Fenced { epoch: 12, holder: "node-c".into() },
+            Reply::Fenced { epoch: u64::MAX, holder: String::new() },
             Reply::Pong,
             Reply::Error { code: ErrorCode::Fenced, message: "generation 3 < 5".into() },
         ]
@@ -1230,10 +1304,13 @@ mod tests {
 
         let mut b = BytesMut::new();
         let data = Bytes::from_static(b"abc");
-        let w = Request::Write { offset: 0x10, flags: WF_FUA, insync: 3, sent: 2, data };
+        let w = Request::Write { offset: 0x10, flags: WF_FUA, insync: 3, sent: 2, epoch: 0x0504, data };
         encode_request(9, &w, &mut b).unwrap();
-        assert_eq!(le_u32(&b, 4), 17 + 3);
-        assert_eq!(&b[32..], &[0x10, 0, 0, 0, 0, 0, 0, 0, 1, 3, 0, 0, 0, 2, 0, 0, 0, b'a', b'b', b'c']);
+        assert_eq!(le_u32(&b, 4), 25 + 3);
+        assert_eq!(
+            &b[32..],
+            &[0x10, 0, 0, 0, 0, 0, 0, 0, 1, 3, 0, 0, 0, 2, 0, 0, 0, 4, 5, 0, 0, 0, 0, 0, 0, b'a', b'b', b'c']
+        );
         assert_eq!(w.encoded_len(), b.len());
     }
 
@@ -1251,13 +1328,60 @@ mod tests {
             "50534631 00000000 09 00 0000 0100000000000000 00000000 00000000 e07a7df1".replace(' ', "")
         );
         let mut b = BytesMut::new();
-        let w = Request::Write { offset: 4096, flags: WF_FUA, insync: 3, sent: 2, data: Bytes::from_static(b"abcd") };
+        let w = Request::Write {
+            offset: 4096,
+            flags: WF_FUA,
+            insync: 3,
+            sent: 2,
+            epoch: 5,
+            data: Bytes::from_static(b"abcd"),
+        };
         encode_request(7, &w, &mut b).unwrap();
         assert_eq!(
             hex(&b),
             concat!(
-                "50534631 15000000 02 00 0000 0700000000000000 df7fc69f 00000000 a3e53780",
-                " 0010000000000000 01 03000000 02000000 61626364"
+                "50534631 1d000000 02 00 0000 0700000000000000 33f63ed5 00000000 07519566",
+                " 0010000000000000 01 03000000 02000000 0500000000000000 61626364"
+            )
+            .replace(' ', "")
+        );
+        let mut b = BytesMut::new();
+        encode_request(8, &Request::GetBitmap { offset: 0, len: 4096 }, &mut b).unwrap();
+        assert_eq!(
+            hex(&b),
+            concat!(
+                "50534631 0c000000 08 00 0000 0800000000000000 d7c8c25b 00000000 c6a86ef2",
+                " 0000000000000000 00100000"
+            )
+            .replace(' ', "")
+        );
+        let mut b = BytesMut::new();
+        let state = ReplicaStateMsg {
+            consistent: true,
+            generation: 3,
+            size: 1 << 20,
+            outdated_peers: vec!["b".into()],
+            local_ok: true,
+            epoch: 4,
+            holder: "a".into(),
+            dirty_peers: vec!["c".into()],
+        };
+        encode_request(2, &Request::State { state }, &mut b).unwrap();
+        assert_eq!(
+            hex(&b),
+            concat!(
+                "50534631 21000000 07 00 0000 0200000000000000 af2b85aa 00000000 e2fa9991",
+                " 03 0300000000000000 0000100000000000 01 0162 0400000000000000 0161 01 0163"
+            )
+            .replace(' ', "")
+        );
+        let mut b = BytesMut::new();
+        encode_reply(7, &Reply::Fenced { epoch: 6, holder: "node-b".into() }, &mut b).unwrap();
+        assert_eq!(
+            hex(&b),
+            concat!(
+                "50534631 0f000000 84 00 0000 0700000000000000 f5251094 00000000 3535864a",
+                " 0600000000000000 066e6f64652d62"
             )
             .replace(' ', "")
         );
@@ -1293,7 +1417,8 @@ mod tests {
     #[test]
     fn write_data_is_zero_copy() {
         let mut buf = BytesMut::new();
-        let w = Request::Write { offset: 0, flags: 0, insync: 1, sent: 1, data: Bytes::from(vec![0xAB; 4096]) };
+        let w =
+            Request::Write { offset: 0, flags: 0, insync: 1, sent: 1, epoch: 1, data: Bytes::from(vec![0xAB; 4096]) };
         encode_request(1, &w, &mut buf).unwrap();
         let base = buf.as_ptr() as usize;
         let end = base + buf.len();
@@ -1402,13 +1527,20 @@ mod tests {
     #[test]
     fn max_size_write_round_trips() {
         let data = Bytes::from(vec![0x5A; MAX_DATA]);
-        let w = Request::Write { offset: 0, flags: WF_FUA, insync: 1, sent: 1, data };
+        let w = Request::Write { offset: 0, flags: WF_FUA, insync: 1, sent: 1, epoch: 1, data };
         let mut buf = BytesMut::new();
         encode_request(1, &w, &mut buf).unwrap();
         let f = one(&mut buf).unwrap().unwrap();
         assert_eq!(f, Frame::Request { id: 1, req: w });
         // One byte more is refused by the encoder, which leaves the buffer untouched.
-        let w = Request::Write { offset: 0, flags: 0, insync: 0, sent: 0, data: Bytes::from(vec![0; MAX_DATA + 1]) };
+        let w = Request::Write {
+            offset: 0,
+            flags: 0,
+            insync: 0,
+            sent: 0,
+            epoch: 0,
+            data: Bytes::from(vec![0; MAX_DATA + 1]),
+        };
         let mut buf = BytesMut::from(&b"xy"[..]);
         assert!(matches!(encode_request(1, &w, &mut buf), Err(ProtoError::Unencodable { field: "data", .. })));
         assert_eq!(&buf[..], b"xy");
@@ -1450,6 +1582,12 @@ mod tests {
         assert!(matches!(one(&mut buf), Err(ProtoError::ShortBody { id: 4, field: "len", .. })));
         let mut buf = raw_frame(kind::WRITE, 0, 0, 4, &[0; 16]);
         assert!(matches!(one(&mut buf), Err(ProtoError::ShortBody { field: "sent", .. })));
+        let mut buf = raw_frame(kind::WRITE, 0, 0, 4, &[0; 24]);
+        assert!(matches!(one(&mut buf), Err(ProtoError::ShortBody { field: "epoch", .. })));
+        for k in [kind::WRITE_ZEROES, kind::TRIM] {
+            let mut buf = raw_frame(k, 0, 0, 4, &[0; 32]);
+            assert!(matches!(one(&mut buf), Err(ProtoError::ShortBody { field: "epoch", .. })));
+        }
         // Trailing garbage.
         let mut buf = raw_frame(kind::PING, 0, 0, 4, b"zz");
         let e = one(&mut buf).unwrap_err();
@@ -1461,8 +1599,15 @@ mod tests {
         body.push(0);
         let mut buf = raw_frame(kind::READ, 0, 0, 4, &body);
         assert!(matches!(one(&mut buf), Err(ProtoError::TrailingBytes { extra: 1, .. })));
+        let mut ok = BytesMut::new();
+        encode_request(4, &Request::Trim { offset: 1, len: 2, flags: 0, insync: 1, sent: 1, epoch: 1 }, &mut ok)
+            .unwrap();
+        let mut body = ok[HEADER_LEN..].to_vec();
+        body.push(0);
+        let mut buf = raw_frame(kind::TRIM, 0, 0, 4, &body);
+        assert!(matches!(one(&mut buf), Err(ProtoError::TrailingBytes { extra: 1, .. })));
         // Undefined write flag.
-        let mut body = vec![0u8; 17];
+        let mut body = vec![0u8; 25];
         body[8] = 0x04;
         let mut buf = raw_frame(kind::WRITE, 0, 0, 4, &body);
         assert!(matches!(one(&mut buf), Err(ProtoError::ReservedBits { field: "flags", value: 4, .. })));
@@ -1479,26 +1624,124 @@ mod tests {
         // offset + len overflow.
         let mut body = u64::MAX.to_le_bytes().to_vec();
         body.extend_from_slice(&2u64.to_le_bytes());
-        body.extend_from_slice(&[0; 9]);
+        body.extend_from_slice(&[0; 17]);
         let mut buf = raw_frame(kind::TRIM, 0, 0, 4, &body);
         assert!(matches!(one(&mut buf), Err(ProtoError::InvalidField { field: "offset+len", .. })));
-        // Range count larger than the body can hold.
-        let mut body = vec![0u8];
-        body.extend_from_slice(&1000u32.to_le_bytes());
-        body.extend_from_slice(&[0; 16]);
-        let mut buf = raw_frame(kind::RESYNC_RANGES, 0, 0, 4, &body);
+        let mut body = u64::MAX.to_le_bytes().to_vec();
+        body.extend_from_slice(&[0; 17]);
+        body.push(0xAA); // one byte of data
+        let mut buf = raw_frame(kind::WRITE, 0, 0, 4, &body);
+        assert!(matches!(one(&mut buf), Err(ProtoError::InvalidField { field: "offset+len", .. })));
+
+        // GetBitmap and ResyncRead have the body and checks of Read.
+        for k in [kind::GET_BITMAP, kind::RESYNC_READ] {
+            let mut buf = raw_frame(k, 0, 0, 4, &[0; 11]);
+            assert!(matches!(one(&mut buf), Err(ProtoError::ShortBody { field: "len", .. })), "{}", kind::name(k));
+            let mut buf = raw_frame(k, 0, 0, 4, &[0; 13]);
+            assert!(matches!(one(&mut buf), Err(ProtoError::TrailingBytes { extra: 1, .. })), "{}", kind::name(k));
+            let mut body = vec![0u8; 8];
+            body.extend_from_slice(&((MAX_DATA + 1) as u32).to_le_bytes());
+            let mut buf = raw_frame(k, 0, 0, 4, &body);
+            assert!(matches!(one(&mut buf), Err(ProtoError::InvalidField { field: "len", .. })), "{}", kind::name(k));
+            let mut body = (u64::MAX - 1).to_le_bytes().to_vec();
+            body.extend_from_slice(&2u32.to_le_bytes());
+            let mut buf = raw_frame(k, 0, 0, 4, &body);
+            let e = one(&mut buf).unwrap_err();
+            assert!(matches!(e, ProtoError::InvalidField { field: "offset+len", .. }), "{e}");
+            assert_eq!(e.reply_for_request(), Some((4, ErrorCode::Invalid)));
+        }
+
+        // Resolve: one non-empty name, nothing after it.
+        let mut buf = raw_frame(kind::RESOLVE, 0, 0, 4, &[]);
+        assert!(matches!(one(&mut buf), Err(ProtoError::ShortBody { field: "keep", .. })));
+        let mut buf = raw_frame(kind::RESOLVE, 0, 0, 4, &[3, b'a', b'b']);
+        assert!(matches!(one(&mut buf), Err(ProtoError::ShortBody { field: "keep", .. })));
+        let mut buf = raw_frame(kind::RESOLVE, 0, 0, 4, &[0]);
+        assert!(matches!(one(&mut buf), Err(ProtoError::InvalidField { field: "keep", .. })));
+        let mut buf = raw_frame(kind::RESOLVE, 0, 0, 4, &[2, b'a', b'\n']);
+        assert!(matches!(one(&mut buf), Err(ProtoError::InvalidField { field: "keep", .. })));
+        let mut buf = raw_frame(kind::RESOLVE, 0, 0, 4, &[1, b'a', 0]);
+        assert!(matches!(one(&mut buf), Err(ProtoError::TrailingBytes { extra: 1, .. })));
+
+        // Fenced: epoch, then a holder name that may be empty.
+        let mut buf = raw_frame(kind::FENCED, 0, 0, 4, &[0; 7]);
         let e = one(&mut buf).unwrap_err();
-        assert!(matches!(e, ProtoError::ShortBody { field: "ranges", .. }));
+        assert!(matches!(e, ProtoError::ShortBody { field: "epoch", .. }), "{e}");
         assert_eq!(e.reply_for_request(), None, "replies are not answered");
-        // Bad bool encoding.
-        let mut buf = raw_frame(kind::RESYNC_POLL, 0, 0, 4, &[2]);
-        assert!(matches!(one(&mut buf), Err(ProtoError::ReservedBits { field: "finish", .. })));
-        // Too many outdated peers.
+        let mut buf = raw_frame(kind::FENCED, 0, 0, 4, &[0; 8]);
+        assert!(matches!(one(&mut buf), Err(ProtoError::ShortBody { field: "holder", .. })));
+        let mut body = 5u64.to_le_bytes().to_vec();
+        body.extend_from_slice(&[4, b'n', b'o']);
+        let mut buf = raw_frame(kind::FENCED, 0, 0, 4, &body);
+        assert!(matches!(one(&mut buf), Err(ProtoError::ShortBody { field: "holder", .. })));
+        let mut body = 5u64.to_le_bytes().to_vec();
+        body.extend_from_slice(&[2, b'n', 0x1b]);
+        let mut buf = raw_frame(kind::FENCED, 0, 0, 4, &body);
+        assert!(matches!(one(&mut buf), Err(ProtoError::InvalidField { field: "holder", .. })));
+        let mut body = 5u64.to_le_bytes().to_vec();
+        body.extend_from_slice(&[2, 0xc3, 0x28]);
+        let mut buf = raw_frame(kind::FENCED, 0, 0, 4, &body);
+        assert!(matches!(one(&mut buf), Err(ProtoError::InvalidField { field: "holder", .. })));
+        let mut body = 5u64.to_le_bytes().to_vec();
+        body.extend_from_slice(&[0, 0]);
+        let mut buf = raw_frame(kind::FENCED, 0, 0, 4, &body);
+        assert!(matches!(one(&mut buf), Err(ProtoError::TrailingBytes { extra: 1, .. })));
+        let mut body = 5u64.to_le_bytes().to_vec();
+        body.push(0);
+        let mut buf = raw_frame(kind::FENCED, 0, 0, 4, &body);
+        assert_eq!(
+            one(&mut buf).unwrap(),
+            Some(Frame::Reply { id: 4, reply: Reply::Fenced { epoch: 5, holder: String::new() } })
+        );
+
+        // The old resync kinds are gone: 0x84 is Fenced now, 0x08 GetBitmap, and the one-byte
+        // body of a version 1 ResyncPoll is rejected.
+        let mut buf = raw_frame(kind::GET_BITMAP, 0, 0, 4, &[1]);
+        assert!(matches!(one(&mut buf), Err(ProtoError::ShortBody { field: "offset", .. })));
+
+        // State: too many outdated peers.
         let mut body = vec![1, b'v', 1, b'n', 0];
         body.extend_from_slice(&[0; 16]);
         body.push(33);
         let mut buf = raw_frame(kind::OPEN, 0, 0, 4, &body);
         assert!(matches!(one(&mut buf), Err(ProtoError::InvalidField { field: "state.outdated_peers", .. })));
+        // State: the fields after the outdated peers.
+        let mut state = vec![0u8; 17];
+        state.push(0); // no outdated peers
+        let mut buf = raw_frame(kind::STATE, 0, 0, 4, &state);
+        assert!(matches!(one(&mut buf), Err(ProtoError::ShortBody { field: "state.epoch", .. })));
+        state.extend_from_slice(&9u64.to_le_bytes());
+        let mut buf = raw_frame(kind::STATE, 0, 0, 4, &state);
+        assert!(matches!(one(&mut buf), Err(ProtoError::ShortBody { field: "state.holder", .. })));
+        let long = [&[254u8][..], &[b'h'; 254]].concat();
+        for bad_holder in [&[1u8, 0x7f][..], &[2, 0xff, b'a'], &long] {
+            let mut body = state.clone();
+            body.extend_from_slice(bad_holder);
+            body.push(0);
+            let mut buf = raw_frame(kind::STATE, 0, 0, 4, &body);
+            let e = one(&mut buf).unwrap_err();
+            assert!(matches!(e, ProtoError::InvalidField { field: "state.holder", .. }), "{bad_holder:?}: {e}");
+        }
+        state.push(0); // holder not known
+        let mut buf = raw_frame(kind::STATE, 0, 0, 4, &state);
+        assert!(matches!(one(&mut buf), Err(ProtoError::ShortBody { field: "state.dirty_peers", .. })));
+        let mut body = state.clone();
+        body.push(33);
+        let mut buf = raw_frame(kind::STATE, 0, 0, 4, &body);
+        assert!(matches!(one(&mut buf), Err(ProtoError::InvalidField { field: "state.dirty_peers", .. })));
+        let mut body = state.clone();
+        body.extend_from_slice(&[1, 0]);
+        let mut buf = raw_frame(kind::STATE, 0, 0, 4, &body);
+        assert!(matches!(one(&mut buf), Err(ProtoError::InvalidField { field: "state.dirty_peers", .. })));
+        let mut body = state.clone();
+        body.extend_from_slice(&[1, 1, b'x', 0]);
+        let mut buf = raw_frame(kind::STATE, 0, 0, 4, &body);
+        assert!(matches!(one(&mut buf), Err(ProtoError::TrailingBytes { extra: 1, .. })));
+        let mut body = state.clone();
+        body.extend_from_slice(&[1, 1, b'x']);
+        let mut buf = raw_frame(kind::STATE, 0, 0, 4, &body);
+        let Some(Frame::Request { req: Request::State { state }, .. }) = one(&mut buf).unwrap() else { panic!() };
+        assert_eq!((state.epoch, state.holder.as_str(), state.dirty_peers), (9, "", vec!["x".to_string()]));
     }
 
     #[test]
@@ -1536,9 +1779,24 @@ mod tests {
             Request::Open { volume: "v".repeat(254), from_node: "n".into(), state: st(&[]) },
             Request::Open { volume: "v".into(), from_node: "a\nb".into(), state: st(&[]) },
             Request::State { state: ReplicaStateMsg { outdated_peers: vec!["p".into(); 33], ..st(&[]) } },
-            Request::Trim { offset: u64::MAX, len: 1, flags: 0, insync: 0, sent: 0 },
-            Request::WriteZeroes { offset: 0, len: 1, flags: 0x80, insync: 0, sent: 0 },
+            Request::State { state: ReplicaStateMsg { holder: "a\tb".into(), ..st(&[]) } },
+            Request::State { state: ReplicaStateMsg { holder: "h".repeat(254), ..st(&[]) } },
+            Request::State { state: ReplicaStateMsg { dirty_peers: vec!["p".into(); 33], ..st(&[]) } },
+            Request::Open {
+                volume: "v".into(),
+                from_node: "n".into(),
+                state: ReplicaStateMsg { dirty_peers: vec!["".into()], ..st(&[]) },
+            },
+            Request::Trim { offset: u64::MAX, len: 1, flags: 0, insync: 0, sent: 0, epoch: 0 },
+            Request::WriteZeroes { offset: 0, len: 1, flags: 0x80, insync: 0, sent: 0, epoch: 0 },
+            Request::Write { offset: u64::MAX, flags: 0, insync: 0, sent: 0, epoch: 0, data: Bytes::from_static(b"x") },
             Request::Read { offset: 0, len: MAX_DATA as u32 + 1 },
+            Request::GetBitmap { offset: 0, len: MAX_DATA as u32 + 1 },
+            Request::GetBitmap { offset: u64::MAX, len: 1 },
+            Request::ResyncRead { offset: 0, len: MAX_DATA as u32 + 1 },
+            Request::ResyncRead { offset: u64::MAX - 1, len: 2 },
+            Request::Resolve { keep: "".into() },
+            Request::Resolve { keep: "k\u{7f}".into() },
         ];
         for r in bad_reqs {
             let mut buf = BytesMut::new();
@@ -1547,9 +1805,14 @@ mod tests {
             assert!(!e.is_fatal());
             assert!(buf.is_empty());
         }
-        let mut buf = BytesMut::new();
-        assert!(encode_reply(1, &Reply::ResyncRanges { ranges: vec![(u64::MAX, 1)], done: false }, &mut buf).is_err());
-        assert!(buf.is_empty());
+        for r in
+            [Reply::Fenced { epoch: 1, holder: "a\nb".into() }, Reply::Fenced { epoch: 1, holder: "h".repeat(254) }]
+        {
+            let mut buf = BytesMut::new();
+            let e = encode_reply(1, &r, &mut buf).unwrap_err();
+            assert!(matches!(e, ProtoError::Unencodable { field: "holder", .. }), "{r:?}: {e}");
+            assert!(buf.is_empty());
+        }
     }
 
     #[test]
@@ -1622,15 +1885,36 @@ mod tests {
         ]
     }
 
+    /// A name, or the empty string ("not known").
+    fn arb_opt_name() -> impl Strategy<Value = String> {
+        prop_oneof![Just(String::new()), arb_name()]
+    }
+
     fn arb_state() -> impl Strategy<Value = ReplicaStateMsg> {
-        (any::<bool>(), any::<u64>(), any::<u64>(), proptest::collection::vec(arb_name(), 0..=MAX_PEERS), any::<bool>())
-            .prop_map(|(consistent, generation, size, outdated_peers, local_ok)| ReplicaStateMsg {
-                consistent,
-                generation,
-                size,
-                outdated_peers,
-                local_ok,
-            })
+        (
+            any::<bool>(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(arb_name(), 0..=MAX_PEERS),
+            any::<bool>(),
+            any::<u64>(),
+            arb_opt_name(),
+            proptest::collection::vec(arb_name(), 0..=MAX_PEERS),
+        )
+            .prop_map(
+                |(consistent, generation, size, outdated_peers, local_ok, epoch, holder, dirty_peers)| {
+                    ReplicaStateMsg {
+                        consistent,
+                        generation,
+                        size,
+                        outdated_peers,
+                        local_ok,
+                        epoch,
+                        holder,
+                        dirty_peers,
+                    }
+                },
+            )
     }
 
     fn arb_range() -> impl Strategy<Value = (u64, u64)> {
@@ -1641,31 +1925,46 @@ mod tests {
         proptest::collection::vec(any::<u8>(), 0..9000).prop_map(Bytes::from)
     }
 
+    /// `offset, len` of `Read`, `GetBitmap` and `ResyncRead`.
+    fn arb_read_range() -> impl Strategy<Value = (u64, u32)> {
+        (any::<u64>(), 0..=MAX_DATA as u32).prop_map(|(offset, len)| (offset.min(u64::MAX - u64::from(len)), len))
+    }
+
     fn arb_request() -> impl Strategy<Value = Request> {
         let wf = 0u8..=WF_ALL;
         prop_oneof![
             (arb_name(), arb_name(), arb_state())
                 .prop_map(|(volume, from_node, state)| { Request::Open { volume, from_node, state } }),
-            (any::<u64>(), wf.clone(), any::<u32>(), any::<u32>(), arb_data()).prop_map(
-                |(offset, flags, insync, sent, data)| Request::Write {
+            (any::<u64>(), wf.clone(), any::<u32>(), any::<u32>(), any::<u64>(), arb_data()).prop_map(
+                |(offset, flags, insync, sent, epoch, data)| Request::Write {
                     offset: offset.min(u64::MAX - data.len() as u64),
                     flags,
                     insync,
                     sent,
+                    epoch,
                     data,
                 }
             ),
-            (arb_range(), wf.clone(), any::<u32>(), any::<u32>()).prop_map(|((offset, len), flags, insync, sent)| {
-                Request::WriteZeroes { offset, len, flags, insync, sent }
-            }),
-            (arb_range(), wf, any::<u32>(), any::<u32>())
-                .prop_map(|((offset, len), flags, insync, sent)| Request::Trim { offset, len, flags, insync, sent }),
-            (any::<u64>(), 0..=MAX_DATA as u32)
-                .prop_map(|(offset, len)| Request::Read { offset: offset.min(u64::MAX - u64::from(len)), len }),
+            (arb_range(), wf.clone(), any::<u32>(), any::<u32>(), any::<u64>()).prop_map(
+                |((offset, len), flags, insync, sent, epoch)| Request::WriteZeroes {
+                    offset,
+                    len,
+                    flags,
+                    insync,
+                    sent,
+                    epoch
+                }
+            ),
+            (arb_range(), wf, any::<u32>(), any::<u32>(), any::<u64>()).prop_map(
+                |((offset, len), flags, insync, sent, epoch)| Request::Trim { offset, len, flags, insync, sent, epoch }
+            ),
+            arb_read_range().prop_map(|(offset, len)| Request::Read { offset, len }),
             Just(Request::Flush),
             arb_state().prop_map(|state| Request::State { state }),
-            any::<bool>().prop_map(|finish| Request::ResyncPoll { finish }),
+            arb_read_range().prop_map(|(offset, len)| Request::GetBitmap { offset, len }),
             Just(Request::Ping),
+            arb_read_range().prop_map(|(offset, len)| Request::ResyncRead { offset, len }),
+            arb_name().prop_map(|keep| Request::Resolve { keep }),
         ]
     }
 
@@ -1678,8 +1977,7 @@ mod tests {
             Just(Reply::Ok),
             arb_state().prop_map(|state| Reply::Opened { state }),
             arb_data().prop_map(|data| Reply::Data { data }),
-            (proptest::collection::vec(arb_range(), 0..200), any::<bool>())
-                .prop_map(|(ranges, done)| Reply::ResyncRanges { ranges, done }),
+            (any::<u64>(), arb_opt_name()).prop_map(|(epoch, holder)| Reply::Fenced { epoch, holder }),
             Just(Reply::Pong),
             (arb_code(), "\\PC{0,300}").prop_map(|(code, message)| Reply::Error { code, message }),
         ]
@@ -1780,7 +2078,7 @@ mod tests {
         /// Random bodies wrapped in a header with *valid* CRCs: exercises every body parser.
         #[test]
         fn prop_valid_crc_random_body_never_panics(
-            k in prop_oneof![0x00u8..=0x0a, 0x80u8..=0x87, any::<u8>()],
+            k in prop_oneof![0x00u8..=0x0e, 0x80u8..=0x87, any::<u8>()],
             flags in prop_oneof![Just(0u8), any::<u8>()],
             id in any::<u64>(),
             body in proptest::collection::vec(any::<u8>(), 0..600),
@@ -1815,6 +2113,7 @@ mod tests {
             flags: WF_FUA,
             insync: 0b111,
             sent: 0b110,
+            epoch: 1,
             data: Bytes::from(vec![0xC3; 4096]),
         };
         let batch = 64;
@@ -1853,11 +2152,13 @@ mod tests {
     #[test]
     fn vectored_encoding_matches_plain_encoding() {
         let data = Bytes::from((0..100_000u32).map(|i| (i * 7) as u8).collect::<Vec<u8>>());
-        let req = Request::Write { offset: 4096, flags: WF_FUA, insync: 3, sent: 7, data: data.clone() };
+        let req = Request::Write { offset: 4096, flags: WF_FUA, insync: 3, sent: 7, epoch: 9, data: data.clone() };
         let mut plain = BytesMut::new();
         encode_request(9, &req, &mut plain).unwrap();
         let mut head = BytesMut::new();
         let tail = encode_request_vectored(9, &req, &mut head).unwrap().unwrap();
+        assert_eq!(head.len(), HEADER_LEN + WRITE_PREFIX);
+        assert_eq!(tail.as_ptr(), data.as_ptr(), "the data is not copied");
         head.extend_from_slice(&tail);
         assert_eq!(head, plain);
 
@@ -1871,7 +2172,8 @@ mod tests {
 
         // Small payloads are encoded whole.
         let mut b = BytesMut::new();
-        let small = Request::Write { offset: 0, flags: 0, insync: 1, sent: 1, data: Bytes::from_static(b"abc") };
+        let small =
+            Request::Write { offset: 0, flags: 0, insync: 1, sent: 1, epoch: 1, data: Bytes::from_static(b"abc") };
         assert!(encode_request_vectored(1, &small, &mut b).unwrap().is_none());
         assert_eq!(b.len(), small.encoded_len());
     }

@@ -102,6 +102,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     node.stop();
+    // Bitmaps complete on disk: the next start need not replay the activity log.
+    for v in node.volumes() {
+        v.shutdown();
+    }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), api).await;
     let _ = std::fs::remove_file(&cfg.listen.api);
     let _ = std::fs::remove_file(&cfg.listen.nbd_unix);
