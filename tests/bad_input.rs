@@ -165,6 +165,7 @@ fn state() -> ReplicaStateMsg {
         epoch: 0,
         holder: String::new(),
         dirty_peers: vec![],
+        flag_epoch: 0,
     }
 }
 

@@ -98,6 +98,8 @@ pub struct ReplicaMeta {
     pub clean: bool,
     /// The replica was created to replace a lost one and needs a full copy.
     pub needs_full: bool,
+    /// Epoch under which a replica was last added to `outdated_peers`.
+    pub flag_epoch: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +142,7 @@ impl ReplicaMeta {
         b.extend_from_slice(&self.epoch.to_le_bytes());
         put_str(&mut b, &self.holder)?;
         b.push(u8::from(self.clean) | (u8::from(self.needs_full) << 1));
+        b.extend_from_slice(&self.flag_epoch.to_le_bytes());
         if b.len() + 4 > SLOT_SIZE {
             return Err(ReplicaError::Invalid("metadata does not fit in its slot".into()));
         }
@@ -175,6 +178,7 @@ impl ReplicaMeta {
         let epoch = r.u64()?;
         let holder = r.str()?;
         let flags = r.take(1)?[0];
+        let flag_epoch = r.u64()?;
         let end = r.pos;
         let crc = r.u32()?;
         if crc32c::crc32c(&slot[..end]) != crc
@@ -198,6 +202,7 @@ impl ReplicaMeta {
                 holder,
                 clean: flags & 1 != 0,
                 needs_full: flags & 2 != 0,
+                flag_epoch,
             },
         )))
     }
@@ -325,6 +330,7 @@ impl Replica {
             holder: String::new(),
             clean: true,
             needs_full: !consistent,
+            flag_epoch: 0,
         };
         let r = Replica {
             path: path.to_owned(),

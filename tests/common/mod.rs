@@ -37,8 +37,14 @@ pub fn is_root() -> bool {
 }
 
 /// A fresh directory for one test's cluster.
+/// With `PEERSAN_KEEP_TEST_DIR` set, the directory (configs, logs, replicas) is kept.
 pub fn test_dir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("peersan-e2e-").tempdir_in(test_tmp()).unwrap()
+    let mut d = tempfile::Builder::new().prefix("peersan-e2e-").tempdir_in(test_tmp()).unwrap();
+    if std::env::var_os("PEERSAN_KEEP_TEST_DIR").is_some() {
+        d.disable_cleanup(true);
+        eprintln!("test directory kept: {}", d.path().display());
+    }
+    d
 }
 
 /// Lays out and starts `n` agents in `dir` with `volumes`; `tune` adjusts the cluster's

@@ -59,8 +59,9 @@ const RESYNC_CHUNK: u64 = 1 << 20;
 const RESYNC_DEPTH: usize = 8;
 /// Bytes of bitmap fetched by one `GetBitmap`.
 const BITMAP_CHUNK: usize = 1 << 20;
-/// The target persists its progress after this many bytes copied.
-const CHECKPOINT_BYTES: u64 = 256 << 20;
+/// The target persists its progress after this many bytes copied, or this long.
+const CHECKPOINT_BYTES: u64 = 64 << 20;
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// What every volume of a node shares.
 pub struct NodeCtx {
@@ -96,6 +97,9 @@ struct Link {
     /// Bumped when this node records that the peer missed writes: the peer's connections
     /// to us are then closed, so that it reconnects and learns it from our `Opened`.
     missed_writes: tokio::sync::watch::Sender<u64>,
+    /// Wakes the task that sends our state to the peer (it sends the state current at the
+    /// time of sending, one message at a time, so the peer never sees an older state last).
+    announce: Notify,
 }
 
 struct LinkInner {
@@ -253,6 +257,7 @@ impl Volume {
                     }),
                     retry_now: Notify::new(),
                     missed_writes: tokio::sync::watch::Sender::new(0),
+                    announce: Notify::new(),
                 })
             })
             .collect();
@@ -361,6 +366,8 @@ impl Volume {
             if self.links[idx].is_some() {
                 let v = self.clone();
                 tokio::spawn(async move { v.run_link(idx).await });
+                let v = self.clone();
+                tokio::spawn(async move { v.run_announcer(idx).await });
             }
         }
         let v = self.clone();
@@ -456,6 +463,7 @@ impl Volume {
                     epoch: prio.epoch,
                     holder: prio.holder,
                     dirty_peers,
+                    flag_epoch: m.flag_epoch,
                 }
             }
             _ => ReplicaStateMsg {
@@ -467,6 +475,7 @@ impl Volume {
                 epoch: prio.epoch,
                 holder: prio.holder,
                 dirty_peers: vec![],
+                flag_epoch: 0,
             },
         }
     }
@@ -499,6 +508,16 @@ impl Volume {
         // A failed disk records nothing; the replicas that executed the write do.
         let Some(replica) = self.local_disk() else { return };
         let names: Vec<String> = idxs.iter().map(|&i| self.spec.replicas[i].clone()).collect();
+        // The new generation is newer than any this node knows of, so that of two replicas
+        // that recorded each other under one writer, the one that did so later is newer.
+        let known = self
+            .links
+            .iter()
+            .flatten()
+            .filter_map(|l| l.inner.lock().unwrap().theirs.as_ref().map(|t| t.generation))
+            .max()
+            .unwrap_or(0);
+        let epoch = self.priority().epoch;
         match replica.update_meta(|m| {
             let before = m.outdated_peers.len();
             for n in &names {
@@ -507,7 +526,8 @@ impl Volume {
                 }
             }
             if m.outdated_peers.len() != before {
-                m.generation = m.generation.max(1) + 1;
+                m.generation = m.generation.max(known).max(1) + 1;
+                m.flag_epoch = epoch;
             }
         }) {
             Ok(true) => {
@@ -719,12 +739,18 @@ impl Volume {
         // A peer that announces it became consistent has caught up: forget that it missed
         // writes, unless writes it missed since are marked.
         let was_inconsistent = link.inner.lock().unwrap().theirs.as_ref().is_some_and(|t| !t.consistent);
-        if announced && theirs.consistent && theirs.local_ok && was_inconsistent {
+        // A consistent peer for which no block is marked has caught up: forget that it missed
+        // writes. Marked blocks left after it announced it caught up were missed after its
+        // last look at our bitmap: tell it (it resyncs again).
+        let mut tell_again = false;
+        if theirs.consistent && theirs.local_ok {
             let clean = self.bitmaps.lock().unwrap()[idx].is_empty();
             if clean && let Some(replica) = self.local_disk() {
                 let name = link.name.clone();
-                let _ = replica.update_meta(|m| m.outdated_peers.retain(|p| *p != name));
+                // Peers learn that this record is gone (they choose resync sources by it).
+                tell_again |= replica.update_meta(|m| m.outdated_peers.retain(|p| *p != name)).unwrap_or(false);
             }
+            tell_again |= announced && was_inconsistent && !clean;
         }
         let mine = self.state_msg();
         let holder = self.priority().holder;
@@ -749,22 +775,52 @@ impl Volume {
         if d.peer == ReplicaState::SplitBrain {
             tracing::error!(volume = %self.spec.name, peer = %link.name, "split brain detected; the replicas will not be merged automatically");
         }
+        if d.stale_record
+            && let Some(replica) = self.local_disk()
+        {
+            // The peer is newer: what this replica recorded against it is redone from it.
+            let name = link.name.clone();
+            {
+                let mut b = self.bitmaps.lock().unwrap();
+                let mine = b[idx].clone();
+                b[self.me].or(&mine);
+                b[idx].clear_all();
+            }
+            if let Err(e) = self.flush_bitmaps_sync(&replica) {
+                tracing::error!(volume = %self.spec.name, error = %e, "cannot write the out-of-sync bitmap");
+            }
+            let _ = replica.update_meta(|m| m.outdated_peers.retain(|p| *p != name));
+            tracing::info!(volume = %self.spec.name, peer = %name, "the peer is newer; this replica's record that it missed writes is stale");
+        }
         if d.local_outdated {
-            let full = mine.generation == 0 && mine.consistent;
+            let theirs_flag_me =
+                link.inner.lock().unwrap().theirs.as_ref().is_some_and(|t| t.outdated_peers.contains(&self.ctx.name));
+            let full = mine.generation == 0 && mine.consistent && !theirs_flag_me;
             self.local_outdated(full);
+        }
+        if tell_again {
+            self.broadcast_state();
         }
         self.changed.notify_waiters();
     }
 
     fn broadcast_state(&self) {
-        let st = self.state_msg();
         for link in self.links.iter().flatten() {
+            link.announce.notify_one();
+        }
+    }
+
+    /// Sends our state to peer `idx` whenever it changes, in order.
+    async fn run_announcer(self: Arc<Self>, idx: usize) {
+        let link = self.link(idx).expect("link");
+        while !self.stopping.load(Ordering::Acquire) {
+            tokio::select! {
+                _ = link.announce.notified() => {}
+                _ = self.stop.notified() => return,
+            }
             let conn = link.inner.lock().unwrap().conn.clone();
             if let Some(conn) = conn {
-                let st = st.clone();
-                tokio::spawn(async move {
-                    let _ = conn.call(Request::State { state: st }).await;
-                });
+                let _ = conn.call(Request::State { state: self.state_msg() }).await;
             }
         }
     }
@@ -1401,22 +1457,29 @@ impl Volume {
         }
     }
 
-    /// An in-sync peer to copy from: the holder of write priority when it qualifies.
+    /// An in-sync peer to copy from. A peer that recorded blocks this replica lacks comes
+    /// first (its record is cleared by what it serves; another source would leave it, and
+    /// the replica would be told again it is out of date), then the holder of write priority.
     fn pick_source(&self) -> Option<(usize, Arc<PeerConn>)> {
         let holder = self.priority().holder;
-        let mut found: Option<(usize, Arc<PeerConn>)> = None;
+        let me = &self.ctx.name;
+        let mut best: Option<(u8, usize, Arc<PeerConn>)> = None;
         for (i, l) in self.links.iter().enumerate() {
             let Some(l) = l else { continue };
             let li = l.inner.lock().unwrap();
-            let ok = li.state == ReplicaState::InSync && li.theirs.as_ref().is_some_and(|t| t.consistent && t.local_ok);
-            if let (true, Some(c)) = (ok, li.conn.clone()) {
-                if l.name == holder {
-                    return Some((i, c));
-                }
-                found.get_or_insert((i, c));
+            let Some(t) = li.theirs.as_ref() else { continue };
+            tracing::debug!(volume = %self.spec.name, peer = %l.name, state = %li.state, consistent = t.consistent, outdated = ?t.outdated_peers, connected = li.conn.is_some(), "resync source candidate");
+            if li.state != ReplicaState::InSync || !t.consistent || !t.local_ok {
+                continue;
+            }
+            let Some(c) = li.conn.clone() else { continue };
+            let records_me = t.outdated_peers.contains(me) || t.dirty_peers.contains(me);
+            let rank = u8::from(records_me) * 2 + u8::from(l.name == holder);
+            if best.as_ref().is_none_or(|(r, _, _)| rank > *r) {
+                best = Some((rank, i, c));
             }
         }
-        found
+        best.map(|(_, i, c)| (i, c))
     }
 
     /// Fetches the source's bitmap for this replica and merges it into the local record of
@@ -1507,6 +1570,9 @@ impl Volume {
             .update_meta(|m| {
                 m.consistent = true;
                 m.generation = m.generation.max(source_gen).max(1);
+                // The source has everything this replica has now: a record that it missed
+                // writes is stale.
+                m.outdated_peers.retain(|p| *p != source);
             })
             .map_err(|e| e.to_string())?;
         self.generation_zero.store(false, Ordering::Relaxed);
@@ -1534,6 +1600,7 @@ impl Volume {
         let rate = self.ctx.resync_rate;
         let mut scheduled = 0u64;
         let mut since_checkpoint = 0u64;
+        let mut last_checkpoint = Instant::now();
         let mut cursor = 0u64;
         let mut inflight = FuturesUnordered::new();
         loop {
@@ -1562,8 +1629,9 @@ impl Volume {
             let len = r?;
             self.resync.lock().unwrap().done_bytes += len;
             since_checkpoint += len;
-            if since_checkpoint >= CHECKPOINT_BYTES {
+            if since_checkpoint >= CHECKPOINT_BYTES || last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
                 since_checkpoint = 0;
+                last_checkpoint = Instant::now();
                 replica.flush().await.map_err(|e| e.to_string())?;
                 self.flush_bitmaps(replica).await.map_err(|e| e.to_string())?;
             }

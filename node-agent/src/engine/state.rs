@@ -58,13 +58,16 @@ pub struct Decision {
     pub peer: ReplicaState,
     /// The local replica is out of date and must be resynchronised from an in-sync peer.
     pub local_outdated: bool,
+    /// This node's record that the peer missed writes is stale (the peer is newer).
+    pub stale_record: bool,
 }
 
 /// The rules, applied identically on both ends of a connection:
 /// - each side records which replicas missed its acknowledged writes (`outdated_peers`,
 ///   "strong"); a replica named there, one that is not `consistent`, and an empty
 ///   never-written replica facing a written one, are out of date and pull from the other;
-/// - two replicas that each name the other are in split brain;
+/// - two replicas that each name the other are in split brain, unless both did so under
+///   the same epoch (one writer), where the one with the higher generation is current;
 /// - out-of-sync bits that are not known to be missed writes (`dirty_peers`, "weak": the
 ///   activity log after a crash, a write refused by fencing) mean the two may differ in those
 ///   regions only where neither acknowledged a write; the holder of write priority (`holder`,
@@ -80,7 +83,17 @@ pub fn decide(
     let i_flag_them = mine.outdated_peers.iter().any(|p| p == peer_name);
     let they_flag_me = theirs.outdated_peers.iter().any(|p| p == me_name);
     if i_flag_them && they_flag_me && mine.consistent && theirs.consistent {
-        return Decision { peer: ReplicaState::SplitBrain, local_outdated: false };
+        // Recorded under one epoch, the writes each missed came from one writer: the replica
+        // that recorded later (higher generation) has them all; the other's record is stale.
+        let one_writer = mine.flag_epoch == theirs.flag_epoch && mine.generation != theirs.generation;
+        if !one_writer || !mine.local_ok || !theirs.local_ok {
+            return Decision { peer: ReplicaState::SplitBrain, local_outdated: false, stale_record: false };
+        }
+        return if mine.generation > theirs.generation {
+            Decision { peer: ReplicaState::Outdated, local_outdated: false, stale_record: false }
+        } else {
+            Decision { peer: ReplicaState::InSync, local_outdated: true, stale_record: true }
+        };
     }
     let weak = mine.dirty_peers.iter().any(|p| p == peer_name) || theirs.dirty_peers.iter().any(|p| p == me_name);
     let they_win = if holder == peer_name {
@@ -110,7 +123,7 @@ pub fn decide(
     } else {
         ReplicaState::InSync
     };
-    Decision { peer, local_outdated }
+    Decision { peer, local_outdated, stale_record: false }
 }
 
 #[cfg(test)]
@@ -127,6 +140,7 @@ mod tests {
             epoch: 1,
             holder: "a".into(),
             dirty_peers: vec![],
+            flag_epoch: 1,
         }
     }
 
@@ -139,15 +153,25 @@ mod tests {
     fn rules() {
         // Both clean: in sync.
         let d = decide("a", &st(true, 1, &[]), "b", &st(true, 1, &[]), "a");
-        assert_eq!(d, Decision { peer: ReplicaState::InSync, local_outdated: false });
+        assert_eq!(d, Decision { peer: ReplicaState::InSync, local_outdated: false, stale_record: false });
         // b missed writes of a.
         let d = decide("a", &st(true, 2, &["b"]), "b", &st(true, 1, &[]), "a");
-        assert_eq!(d, Decision { peer: ReplicaState::Outdated, local_outdated: false });
+        assert_eq!(d, Decision { peer: ReplicaState::Outdated, local_outdated: false, stale_record: false });
         let d = decide("b", &st(true, 1, &[]), "a", &st(true, 2, &["b"]), "a");
-        assert_eq!(d, Decision { peer: ReplicaState::InSync, local_outdated: true });
-        // Split brain.
+        assert_eq!(d, Decision { peer: ReplicaState::InSync, local_outdated: true, stale_record: false });
+        // Split brain: each recorded the other under different epochs (two writers) ...
+        let mut other_epoch = st(true, 3, &["a"]);
+        other_epoch.flag_epoch = 2;
+        let d = decide("a", &st(true, 2, &["b"]), "b", &other_epoch, "b");
+        assert_eq!(d.peer, ReplicaState::SplitBrain);
+        // ... or under one epoch with nothing to order them.
         let d = decide("a", &st(true, 2, &["b"]), "b", &st(true, 2, &["a"]), "a");
         assert_eq!(d.peer, ReplicaState::SplitBrain);
+        // One writer, A down then B down: the later record (higher generation) wins.
+        let d = decide("b", &st(true, 4, &["c"]), "c", &st(true, 2, &["b"]), "a");
+        assert_eq!(d, Decision { peer: ReplicaState::Outdated, local_outdated: false, stale_record: false });
+        let d = decide("c", &st(true, 2, &["b"]), "b", &st(true, 4, &["c"]), "a");
+        assert_eq!(d, Decision { peer: ReplicaState::InSync, local_outdated: true, stale_record: true });
         // New empty replica faces a written one.
         let d = decide("c", &st(true, 0, &[]), "a", &st(true, 3, &[]), "a");
         assert!(d.local_outdated);
@@ -155,17 +179,17 @@ mod tests {
         assert_eq!(d.peer, ReplicaState::Outdated);
         // Inconsistent peer is catching up; an inconsistent peer is never a source.
         let d = decide("a", &st(false, 3, &[]), "b", &st(false, 3, &[]), "a");
-        assert_eq!(d, Decision { peer: ReplicaState::CatchingUp, local_outdated: false });
+        assert_eq!(d, Decision { peer: ReplicaState::CatchingUp, local_outdated: false, stale_record: false });
         // Weak differences: the holder is the source, whichever side recorded them.
         let d = decide("b", &dirty(st(true, 2, &[]), &["a"]), "a", &st(true, 2, &[]), "a");
-        assert_eq!(d, Decision { peer: ReplicaState::InSync, local_outdated: true });
+        assert_eq!(d, Decision { peer: ReplicaState::InSync, local_outdated: true, stale_record: false });
         let d = decide("a", &st(true, 2, &[]), "b", &dirty(st(true, 2, &[]), &["a"]), "a");
-        assert_eq!(d, Decision { peer: ReplicaState::Outdated, local_outdated: false });
+        assert_eq!(d, Decision { peer: ReplicaState::Outdated, local_outdated: false, stale_record: false });
         // Without a holder among the two, the first name is the source.
         let d = decide("c", &dirty(st(true, 2, &[]), &["b"]), "b", &st(true, 2, &[]), "a");
         assert!(d.local_outdated);
         let d = decide("b", &st(true, 2, &[]), "c", &dirty(st(true, 2, &[]), &["b"]), "a");
-        assert_eq!(d, Decision { peer: ReplicaState::Outdated, local_outdated: false });
+        assert_eq!(d, Decision { peer: ReplicaState::Outdated, local_outdated: false, stale_record: false });
         // A strong record beats a weak one: b missed a's acknowledged writes.
         let d = decide("b", &dirty(st(true, 2, &[]), &["a"]), "a", &st(true, 3, &["b"]), "b");
         assert!(d.local_outdated);

@@ -126,6 +126,9 @@ pub struct ReplicaStateMsg {
     /// Replicas for which the sender has out-of-sync bits but which it does not know to have
     /// missed acknowledged writes.
     pub dirty_peers: Vec<String>,
+    /// Epoch under which the sender last recorded a replica in `outdated_peers` (two
+    /// replicas that recorded each other under one epoch had one writer: not a split brain).
+    pub flag_epoch: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -575,7 +578,7 @@ fn names_len(names: &[String]) -> usize {
 }
 
 fn state_len(s: &ReplicaStateMsg) -> usize {
-    1 + 8 + 8 + names_len(&s.outdated_peers) + 8 + 1 + s.holder.len() + names_len(&s.dirty_peers)
+    1 + 8 + 8 + names_len(&s.outdated_peers) + 8 + 1 + s.holder.len() + names_len(&s.dirty_peers) + 8
 }
 
 /// Longest prefix of `s` that is at most `max` bytes and ends on a char boundary.
@@ -648,6 +651,7 @@ fn put_state(dst: &mut BytesMut, s: &ReplicaStateMsg) {
     dst.put_u64_le(s.epoch);
     put_name(dst, &s.holder);
     put_names(dst, &s.dirty_peers);
+    dst.put_u64_le(s.flag_epoch);
 }
 
 fn put_names(dst: &mut BytesMut, names: &[String]) {
@@ -933,6 +937,7 @@ impl<'a> BodyReader<'a> {
         let epoch = self.u64("state.epoch")?;
         let holder = self.opt_name("state.holder")?;
         let dirty_peers = self.names("state.dirty_peers")?;
+        let flag_epoch = self.u64("state.flag_epoch")?;
         Ok(ReplicaStateMsg {
             consistent: f & SF_CONSISTENT != 0,
             generation,
@@ -942,6 +947,7 @@ impl<'a> BodyReader<'a> {
             epoch,
             holder,
             dirty_peers,
+            flag_epoch,
         })
     }
     fn finish(&self) -> Result<(), ProtoError> {
@@ -1195,6 +1201,7 @@ mod tests {
             epoch: 7,
             holder: "node-a".into(),
             dirty_peers: vec!["node-d".into()],
+            flag_epoch: 6,
         }
     }
 
@@ -1365,13 +1372,14 @@ mod tests {
             epoch: 4,
             holder: "a".into(),
             dirty_peers: vec!["c".into()],
+            flag_epoch: 2,
         };
         encode_request(2, &Request::State { state }, &mut b).unwrap();
         assert_eq!(
             hex(&b),
             concat!(
-                "50534631 21000000 07 00 0000 0200000000000000 af2b85aa 00000000 e2fa9991",
-                " 03 0300000000000000 0000100000000000 01 0162 0400000000000000 0161 01 0163"
+                "50534631 29000000 07 00 0000 0200000000000000 2beec2d5 00000000 80ab1b40",
+                " 03 0300000000000000 0000100000000000 01 0162 0400000000000000 0161 01 0163 0200000000000000"
             )
             .replace(' ', "")
         );
@@ -1736,9 +1744,15 @@ mod tests {
         let mut body = state.clone();
         body.extend_from_slice(&[1, 1, b'x', 0]);
         let mut buf = raw_frame(kind::STATE, 0, 0, 4, &body);
+        assert!(matches!(one(&mut buf), Err(ProtoError::ShortBody { field: "state.flag_epoch", .. })));
+        let mut body = state.clone();
+        body.extend_from_slice(&[1, 1, b'x']);
+        body.extend_from_slice(&[0; 9]);
+        let mut buf = raw_frame(kind::STATE, 0, 0, 4, &body);
         assert!(matches!(one(&mut buf), Err(ProtoError::TrailingBytes { extra: 1, .. })));
         let mut body = state.clone();
         body.extend_from_slice(&[1, 1, b'x']);
+        body.extend_from_slice(&[0; 8]);
         let mut buf = raw_frame(kind::STATE, 0, 0, 4, &body);
         let Some(Frame::Request { req: Request::State { state }, .. }) = one(&mut buf).unwrap() else { panic!() };
         assert_eq!((state.epoch, state.holder.as_str(), state.dirty_peers), (9, "", vec!["x".to_string()]));
@@ -1900,9 +1914,10 @@ mod tests {
             any::<u64>(),
             arb_opt_name(),
             proptest::collection::vec(arb_name(), 0..=MAX_PEERS),
+            any::<u64>(),
         )
             .prop_map(
-                |(consistent, generation, size, outdated_peers, local_ok, epoch, holder, dirty_peers)| {
+                |(consistent, generation, size, outdated_peers, local_ok, epoch, holder, dirty_peers, flag_epoch)| {
                     ReplicaStateMsg {
                         consistent,
                         generation,
@@ -1912,6 +1927,7 @@ mod tests {
                         epoch,
                         holder,
                         dirty_peers,
+                        flag_epoch,
                     }
                 },
             )
