@@ -100,6 +100,10 @@ struct Link {
     /// Wakes the task that sends our state to the peer (it sends the state current at the
     /// time of sending, one message at a time, so the peer never sees an older state last).
     announce: Notify,
+    /// The peer's connections to us: the newest replaces older ones (see
+    /// [`Volume::begin_peer_session`]).
+    session: tokio::sync::watch::Sender<u64>,
+    serving: Arc<tokio::sync::Mutex<()>>,
 }
 
 struct LinkInner {
@@ -258,6 +262,8 @@ impl Volume {
                     retry_now: Notify::new(),
                     missed_writes: tokio::sync::watch::Sender::new(0),
                     announce: Notify::new(),
+                    session: tokio::sync::watch::Sender::new(0),
+                    serving: Arc::new(tokio::sync::Mutex::new(())),
                 })
             })
             .collect();
@@ -505,8 +511,10 @@ impl Volume {
             return;
         }
         let idxs: Vec<usize> = (0..self.spec.replicas.len()).filter(|i| missed & (1 << i) != 0).collect();
-        // A failed disk records nothing; the replicas that executed the write do.
-        let Some(replica) = self.local_disk() else { return };
+        // Only an in-sync replica records: a failed disk cannot, and a replica that is itself
+        // catching up does not hold the writes it would vouch for (a write that no in-sync
+        // replica executed is not acknowledged). The in-sync replicas that executed it do.
+        let Some((replica, ReplicaState::InSync)) = self.local_replica() else { return };
         let names: Vec<String> = idxs.iter().map(|&i| self.spec.replicas[i].clone()).collect();
         // The new generation is newer than any this node knows of, so that of two replicas
         // that recorded each other under one writer, the one that did so later is newer.
@@ -1305,6 +1313,27 @@ impl Volume {
     /// the peer's connections then (see `Link::missed_writes`).
     pub fn missed_writes_watch(&self, idx: usize) -> Option<tokio::sync::watch::Receiver<u64>> {
         self.link(idx).map(|l| l.missed_writes.subscribe())
+    }
+
+    /// A peer opened the volume on a new connection. Older connections from it are told to
+    /// stop (the returned receiver changes for them), and this waits until they have
+    /// finished what they were executing: a write still in flight on a connection the peer
+    /// gave up (sent before a link failure, delivered after it healed) must not land after
+    /// the peer has learnt our state and started a resync. Returns the session id and the
+    /// guard to hold while serving.
+    pub async fn begin_peer_session(
+        &self,
+        idx: usize,
+    ) -> Option<(u64, tokio::sync::watch::Receiver<u64>, tokio::sync::OwnedMutexGuard<()>)> {
+        let link = self.link(idx)?;
+        let mut id = 0;
+        link.session.send_modify(|s| {
+            *s += 1;
+            id = *s;
+        });
+        let rx = link.session.subscribe();
+        let guard = link.serving.clone().lock_owned().await;
+        Some((id, rx, guard))
     }
 
     /// A peer's connection to us closed.

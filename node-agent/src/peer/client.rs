@@ -90,6 +90,11 @@ impl PeerConn {
             .map_err(|_| cerr(format!("no answer within {:?}", hs.timeout)))?
             .map_err(|e| cerr(e.to_string()))?;
         stream.set_nodelay(true).map_err(|e| cerr(e.to_string()))?;
+        // A connection that is dropped (peer failed or timed out) is reset, not drained:
+        // writes still queued in the socket must not reach the peer later, when the link
+        // heals, after the peer has been resynchronised.
+        #[allow(deprecated)]
+        stream.set_linger(Some(Duration::ZERO)).map_err(|e| cerr(e.to_string()))?;
         let hello = client_handshake(&mut stream, hs).await.map_err(|e| cerr(e.to_string()))?;
         if hello.node_name != peer {
             return Err(cerr(format!("the node at this address is {:?}, not {peer:?}", hello.node_name)));

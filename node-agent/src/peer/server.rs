@@ -57,7 +57,7 @@ async fn serve_conn<L: VolumeLookup>(
     let mut rbuf = BytesMut::with_capacity(256 << 10);
 
     // The first request binds the connection to a volume.
-    let (volume, idx) = match read_frame(&mut rd, &mut rbuf).await.transpose() {
+    let (volume, idx, (session_id, mut session, _serving)) = match read_frame(&mut rd, &mut rbuf).await.transpose() {
         Some(Ok(Frame::Request { id, req: Request::Open { volume, from_node, state } })) => {
             let reply_err = |code, message: String| {
                 send(&writer, id, &Reply::Error { code, message: message.clone() });
@@ -85,9 +85,15 @@ async fn serve_conn<L: VolumeLookup>(
                     format!("volume {volume:?} has {} bytes here, {} on {peer}", v.spec().size, state.size),
                 ));
             }
+            let Some(session) = v.begin_peer_session(idx).await else {
+                return Err(reply_err(
+                    ErrorCode::UnknownVolume,
+                    format!("node {peer:?} holds no replica of {volume:?}"),
+                ));
+            };
             let ours = v.peer_open(idx, state);
             send(&writer, id, &Reply::Opened { state: ours });
-            (v, idx)
+            (v, idx, session)
         }
         Some(Ok(Frame::Request { id, req: Request::CreateVolume { volume, size, replicas } })) => {
             let reply = match volumes.create_volume(&volume, size, &replicas) {
@@ -124,6 +130,13 @@ async fn serve_conn<L: VolumeLookup>(
             // from our state at `Open` that it is out of date.
             Ok(()) = missed.changed() => {
                 break Err(format!("{peer} missed writes; closing its connection so that it resynchronises"));
+            }
+            // The peer opened a newer connection: this one is abandoned; what is still
+            // unread on it must not be executed.
+            Ok(()) = session.changed() => {
+                if *session.borrow_and_update() != session_id {
+                    break Err(format!("{peer} opened a newer connection; closing this one"));
+                }
             }
             Some((id, reply)) = inflight.next(), if !inflight.is_empty() => {
                 send(&writer, id, &reply);

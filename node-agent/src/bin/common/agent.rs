@@ -77,11 +77,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let nbd_unix = bind_unix(&cfg.listen.nbd_unix).context("listen.nbd_unix")?;
-    tokio::spawn(nbd::serve_unix(nbd_unix, node.clone(), wait_stop(stop_rx.clone())));
+    let mut frontends = vec![tokio::spawn(nbd::serve_unix(nbd_unix, node.clone(), wait_stop(stop_rx.clone())))];
     if let Some(addr) = cfg.listen.nbd_tcp {
         let l =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen.nbd_tcp: cannot bind {addr}"))?;
-        tokio::spawn(nbd::serve_tcp(l, node.clone(), wait_stop(stop_rx.clone())));
+        frontends.push(tokio::spawn(nbd::serve_tcp(l, node.clone(), wait_stop(stop_rx.clone()))));
     }
     let api_listener = bind_unix(&cfg.listen.api).context("listen.api")?;
     let api = tokio::spawn(api::serve(api_listener, node.clone(), wait_stop(stop_rx.clone())));
@@ -94,6 +94,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
+    // Let the requests clients have in flight finish (mirrored as usual) before the
+    // engines stop: a write cut off half-way would mark peers out of sync for nothing.
+    for f in frontends {
+        let _ = f.await;
+    }
     // Make everything acknowledged durable before exiting.
     for v in node.volumes() {
         use peersan_node_agent::block::BlockDevice;
