@@ -10,8 +10,9 @@
 //!
 //! `PEERSAN_CAMPAIGN_SEED` replays a campaign (the seed is printed; default: random),
 //! `PEERSAN_CAMPAIGN_FAULTS` sets the number of faults (default 30), `PEERSAN_CAMPAIGN_NODES`
-//! the number of nodes (2 or 3, default 2), `PEERSAN_CAMPAIGN_KINDS` limits the faults to
-//! some kinds (names as in the summary, comma-separated). `PEERSAN_CAMPAIGN_STRICT` also fails
+//! the number of nodes (2 or 3, default 2), `PEERSAN_CAMPAIGN_KINDS` chooses the kinds of
+//! fault (names as in the summary, comma-separated, or `all` to add those not in the default
+//! mix). `PEERSAN_CAMPAIGN_STRICT` also fails
 //! the campaign on replicas that disagree about writes in flight when the writer was killed.
 
 mod common;
@@ -41,7 +42,8 @@ const RESYNC_RATE: u64 = 32 * MIB;
 const HEAL_TIMEOUT: Duration = Duration::from_secs(60);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The kinds of fault. To add one: a variant, its name, and its arm in [`Campaign::inject`].
+/// The kinds of fault. To add one: a variant, its name, its arm in [`Campaign::inject`], and
+/// a place in [`Fault::ALL`] (and in [`Fault::DEFAULT`] to run it by default).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Fault {
     /// kill -9 of a node that is not the writer, restarted after a while.
@@ -60,10 +62,14 @@ enum Fault {
     ResyncRestart,
     /// The failing disk returns EIO; healed by clearing the error and restarting its agent.
     DiskEio,
+    /// The failing disk returns EIO while another node resynchronises (possibly from it): two
+    /// faults at once, so not in the default mix.
+    EioDuringResync,
 }
 
 impl Fault {
-    const ALL: [Fault; 8] = [
+    /// The faults chosen from by default: one at a time.
+    const DEFAULT: [Fault; 8] = [
         Fault::Kill,
         Fault::KillWriter,
         Fault::Restart,
@@ -72,6 +78,17 @@ impl Fault {
         Fault::Slow,
         Fault::ResyncRestart,
         Fault::DiskEio,
+    ];
+    const ALL: [Fault; 9] = [
+        Fault::Kill,
+        Fault::KillWriter,
+        Fault::Restart,
+        Fault::Partition,
+        Fault::LinkDown,
+        Fault::Slow,
+        Fault::ResyncRestart,
+        Fault::DiskEio,
+        Fault::EioDuringResync,
     ];
 
     fn name(self) -> &'static str {
@@ -84,6 +101,16 @@ impl Fault {
             Fault::Slow => "slow",
             Fault::ResyncRestart => "resync-restart",
             Fault::DiskEio => "disk-eio",
+            Fault::EioDuringResync => "eio-during-resync",
+        }
+    }
+
+    /// Whether the fault can be set up in this cluster.
+    fn applies(self, k: &Campaign) -> bool {
+        match self {
+            // A node to resynchronise that is neither the writer nor the failing disk's.
+            Fault::EioDuringResync => (0..k.n).any(|t| t != k.writer && t != k.disk_node),
+            _ => true,
         }
     }
 }
@@ -244,7 +271,18 @@ impl Campaign {
 
     fn fail(&self, what: &str) -> ! {
         let recent = &self.history[self.history.len().saturating_sub(12)..];
-        panic!("{what}\nrecent events:\n{}\nstate:\n{}", recent.join("\n"), self.state());
+        let s = self.workload.stats();
+        panic!(
+            "{what}\nrecent events:\n{}\nworkload: {} bad reads{}, {} write errors, {} read errors, \
+             last connect error: {:?}\nstate:\n{}",
+            recent.join("\n"),
+            s.bad_reads.len(),
+            s.bad_reads.first().map(|r| format!(" (first: {r})")).unwrap_or_default(),
+            s.write_errors,
+            s.read_errors,
+            s.last_connect_error,
+            self.state()
+        );
     }
 
     /// Names the fault under way in the ledger, which notes it on writes left unacknowledged.
@@ -356,16 +394,9 @@ impl Campaign {
                 let t = self.pick_node(false);
                 let label = format!("kill -9 {} during its resync", self.name(t));
                 self.begin(&label, false);
-                self.c.kill(t);
-                self.hold(300, 1000);
-                self.start(t);
-                let seen = self.c.wait_for(t, VOLUME, Duration::from_secs(15), |v| {
-                    v.replicas.iter().any(|r| r.local && r.state == "catching-up")
-                });
-                let Ok(v) = seen else {
+                let Some(progress) = self.resync_of(t) else {
                     return format!("{label}: no resync seen on {} within 15 s, not killed", self.name(t));
                 };
-                let progress = v.replicas.iter().find(|r| r.local).map(|r| r.resync_done_bytes).unwrap_or(0);
                 let d = self.hold(0, 600);
                 self.c.kill(t);
                 self.hold(100, 800);
@@ -373,24 +404,58 @@ impl Campaign {
                 format!("{label} ({progress} bytes copied when seen, killed {d:.1?} later)")
             }
             Fault::DiskEio => {
-                let d = self.disk_node;
-                let label = format!("disk EIO on {}", self.name(d));
+                let label = format!("disk EIO on {}", self.name(self.disk_node));
                 self.begin(&label, false);
-                self.disk.fail();
-                let held = Duration::from_millis(self.rng.random_range(500..=2500));
-                let until = Instant::now() + held;
-                let mut seen = self.local_state(d);
-                while Instant::now() < until && seen == "in-sync" {
-                    std::thread::sleep(Duration::from_millis(50));
-                    seen = self.local_state(d);
-                }
-                std::thread::sleep(until.saturating_duration_since(Instant::now()));
-                self.disk.heal();
-                self.c.stop(d);
-                self.start(d);
-                format!("{label} for {held:.1?} (its replica was {seen}), cleared, agent restarted")
+                let how = self.disk_eio();
+                format!("{label} {how}")
+            }
+            Fault::EioDuringResync => {
+                let t = loop {
+                    let t = self.pick_node(false);
+                    if t != self.disk_node {
+                        break t;
+                    }
+                };
+                let label = format!("disk EIO on {} while {} resyncs", self.name(self.disk_node), self.name(t));
+                self.begin(&label, false);
+                let Some(progress) = self.resync_of(t) else {
+                    return format!("{label}: no resync seen on {} within 15 s, no EIO", self.name(t));
+                };
+                let d = self.hold(0, 600);
+                let how = self.disk_eio();
+                format!("{label} ({progress} bytes copied when seen, EIO {d:.1?} later) {how}")
             }
         }
+    }
+
+    /// Makes node `t` miss writes (kill -9 and restart) and waits until it resynchronises;
+    /// returns the bytes it had copied when seen, or None if no resync was seen.
+    fn resync_of(&mut self, t: usize) -> Option<u64> {
+        self.c.kill(t);
+        self.hold(300, 1000);
+        self.start(t);
+        let seen = self.c.wait_for(t, VOLUME, Duration::from_secs(15), |v| {
+            v.replicas.iter().any(|r| r.local && r.state == "catching-up")
+        });
+        seen.ok().map(|v| v.replicas.iter().find(|r| r.local).map(|r| r.resync_done_bytes).unwrap_or(0))
+    }
+
+    /// Makes the failing disk return EIO for a while, then clears it and restarts its agent.
+    fn disk_eio(&mut self) -> String {
+        let d = self.disk_node;
+        self.disk.fail();
+        let held = Duration::from_millis(self.rng.random_range(500..=2500));
+        let until = Instant::now() + held;
+        let mut seen = self.local_state(d);
+        while Instant::now() < until && seen == "in-sync" {
+            std::thread::sleep(Duration::from_millis(50));
+            seen = self.local_state(d);
+        }
+        std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        self.disk.heal();
+        self.c.stop(d);
+        self.start(d);
+        format!("for {held:.1?} (its replica was {seen}), cleared, agent restarted")
     }
 
     fn all_healthy(&self) -> bool {
@@ -412,8 +477,9 @@ impl Campaign {
         t0.elapsed()
     }
 
-    /// The volume through each node's NBD export (with `nbd`) and each replica's data area.
-    fn views(&mut self, nbd: bool) -> Vec<View> {
+    /// The volume through each node's NBD export (with `nbd`) and each replica's data area,
+    /// and the views that could not be read.
+    fn views(&self, nbd: bool) -> (Vec<View>, Vec<String>) {
         let mut views = Vec::new();
         let mut unreadable = Vec::new();
         for i in 0..self.n {
@@ -440,19 +506,38 @@ impl Campaign {
                 Err(e) => unreadable.push(format!("{label}: {e}")),
             }
         }
+        (views, unreadable)
+    }
+
+    /// Drains the workload and checks every view against the ledger.
+    fn check(&mut self, what: &str, agents_up: bool) {
+        if let Err(e) = self.workload.pause(DRAIN_TIMEOUT) {
+            self.fail(&format!("{what}: {e}"));
+        }
+        // Writes held up by the fault may have ended only during the drain, and the state
+        // may change while the views are read: compare only views of a volume that was
+        // healthy before and after they were read.
+        let (views, unreadable) = {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                if agents_up {
+                    self.wait_healthy(what);
+                }
+                let read = self.views(agents_up);
+                if !agents_up || self.all_healthy() {
+                    break read;
+                }
+                if attempt == 3 {
+                    self.fail(&format!("{what}: the volume does not stay healthy with no write in flight"));
+                }
+                self.log(format!("{what}: the volume was not healthy after its views were read; reading again"));
+            }
+        };
         for u in unreadable {
             self.log(format!("UNREADABLE {u}"));
             self.findings.unreadable.push(u);
         }
-        views
-    }
-
-    /// Drains the workload and checks every view against the ledger.
-    fn check(&mut self, what: &str, nbd: bool) {
-        if let Err(e) = self.workload.pause(DRAIN_TIMEOUT) {
-            self.fail(&format!("{what}: {e}"));
-        }
-        let views = self.views(nbd);
         if views.is_empty() {
             return;
         }
@@ -543,6 +628,7 @@ fn fault_campaign() {
     assert!((2..=3).contains(&n), "PEERSAN_CAMPAIGN_NODES must be 2 or 3");
     let strict = std::env::var_os("PEERSAN_CAMPAIGN_STRICT").is_some();
     let kinds: Vec<Fault> = match std::env::var("PEERSAN_CAMPAIGN_KINDS") {
+        Ok(list) if list == "all" => Fault::ALL.to_vec(),
         Ok(list) => list
             .split(',')
             .map(|name| {
@@ -552,7 +638,7 @@ fn fault_campaign() {
                 })
             })
             .collect(),
-        Err(_) => Fault::ALL.to_vec(),
+        Err(_) => Fault::DEFAULT.to_vec(),
     };
 
     let mut k = Campaign::new(seed, n);
@@ -561,6 +647,8 @@ fn fault_campaign() {
         k.c.members[k.disk_node].name
     );
     k.log(head);
+    let kinds: Vec<Fault> = kinds.into_iter().filter(|f| f.applies(&k)).collect();
+    assert!(!kinds.is_empty(), "none of the faults asked for can be set up in this cluster");
     k.wait_healthy("start");
     for f in 1..=faults {
         let fault = kinds[k.rng.random_range(0..kinds.len())];
