@@ -179,6 +179,7 @@ struct Campaign {
     counts: BTreeMap<&'static str, usize>,
     history: Vec<String>,
     bad_reads_seen: usize,
+    errors_seen: usize,
     faults_done: usize,
     started: Instant,
 }
@@ -223,6 +224,7 @@ impl Campaign {
             counts: BTreeMap::new(),
             history: Vec::new(),
             bad_reads_seen: 0,
+            errors_seen: 0,
             faults_done: 0,
             started: Instant::now(),
         }
@@ -294,7 +296,7 @@ impl Campaign {
     fn end(&mut self) {
         self.faults_done += 1;
         let f = self.faults_done;
-        self.workload.shared.ledger.lock().unwrap().set_phase(format!("recovery from fault {f}"), false);
+        self.workload.shared.ledger.lock().unwrap().set_phase(format!("after fault {f}"), false);
     }
 
     /// Sleeps between `lo` and `hi` milliseconds.
@@ -548,6 +550,10 @@ impl Campaign {
         let stats = self.workload.stats();
         let bad_reads = stats.bad_reads[self.bad_reads_seen..].to_vec();
         self.bad_reads_seen = stats.bad_reads.len();
+        for e in &stats.error_replies[self.errors_seen..] {
+            self.log(format!("error reply: {e}"));
+        }
+        self.errors_seen = stats.error_replies.len();
         let verdict = if report.clean() && bad_reads.is_empty() { "ok" } else { "FOUND" };
         self.log(format!(
             "check {what}: {verdict} ({} views; lost={} corrupt={} divergent={} inflight_divergent={} bad_reads={} settled={})",

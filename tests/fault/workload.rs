@@ -47,6 +47,8 @@ pub struct Stats {
     pub flush_errors: u64,
     /// Reads that returned data the ledger does not allow, with the details.
     pub bad_reads: Vec<String>,
+    /// Error replies from the server (the first ones), with when and what.
+    pub error_replies: Vec<String>,
     pub in_flight: usize,
     pub connected: bool,
 }
@@ -284,8 +286,11 @@ fn complete(shared: &Shared, done: Done) {
                 Ok(()) => l.ack(seq),
                 Err(NbdError::Server(e)) => {
                     l.unknown(seq, format!("error reply {e}"));
+                    let what = format!("write {} got error {e}", l.describe_write(seq));
                     drop(l);
-                    shared.status.lock().unwrap().stats.write_errors += 1;
+                    let mut st = shared.status.lock().unwrap();
+                    st.stats.write_errors += 1;
+                    note_error(&mut st.stats, what);
                 }
                 Err(NbdError::Disconnected(_)) => {
                     l.unknown(seq, "connection lost".into());
@@ -320,18 +325,33 @@ fn complete(shared: &Shared, done: Done) {
                         }
                     }
                 }
-                Err(NbdError::Server(_)) => st.stats.read_errors += 1,
+                Err(NbdError::Server(e)) => {
+                    st.stats.read_errors += 1;
+                    let what = format!("read of {len} bytes at {off} got error {e} (during {})", l.phase());
+                    note_error(&mut st.stats, what);
+                }
                 Err(NbdError::Disconnected(_)) => st.stats.disconnected += 1,
             }
         }
         Done::Flush { r } => {
+            let l = shared.ledger.lock().unwrap();
             let mut st = shared.status.lock().unwrap();
             st.stats.flushes += 1;
             match r {
                 Ok(()) => {}
-                Err(NbdError::Server(_)) => st.stats.flush_errors += 1,
+                Err(NbdError::Server(e)) => {
+                    st.stats.flush_errors += 1;
+                    note_error(&mut st.stats, format!("flush got error {e} (during {})", l.phase()));
+                }
                 Err(NbdError::Disconnected(_)) => st.stats.disconnected += 1,
             }
         }
+    }
+}
+
+fn note_error(stats: &mut Stats, what: String) {
+    const KEEP: usize = 100;
+    if stats.error_replies.len() < KEEP {
+        stats.error_replies.push(what);
     }
 }
