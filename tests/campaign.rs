@@ -12,7 +12,8 @@
 //! `PEERSAN_CAMPAIGN_FAULTS` sets the number of faults (default 30), `PEERSAN_CAMPAIGN_NODES`
 //! the number of nodes (2 or 3, default 2), `PEERSAN_CAMPAIGN_KINDS` chooses the kinds of
 //! fault (names as in the summary, comma-separated, or `all` to add those not in the default
-//! mix). `PEERSAN_CAMPAIGN_STRICT` also fails
+//! mix). The files and agent logs are kept when the campaign fails, or always with
+//! `PEERSAN_CAMPAIGN_KEEP`. `PEERSAN_CAMPAIGN_STRICT` also fails
 //! the campaign on replicas that disagree about writes in flight when the writer was killed.
 
 mod common;
@@ -601,7 +602,7 @@ impl Campaign {
 
 impl Drop for Campaign {
     fn drop(&mut self) {
-        if std::thread::panicking()
+        if (std::thread::panicking() || std::env::var_os("PEERSAN_CAMPAIGN_KEEP").is_some())
             && let Some(dir) = self.dir.take()
         {
             eprintln!("campaign files and agent logs kept in {}", dir.keep().display());
