@@ -13,8 +13,8 @@
 //! the number of nodes (2 or 3, default 2), `PEERSAN_CAMPAIGN_KINDS` chooses the kinds of
 //! fault (names as in the summary, comma-separated, or `all` to add those not in the default
 //! mix). The files and agent logs are kept when the campaign fails, or always with
-//! `PEERSAN_CAMPAIGN_KEEP`. `PEERSAN_CAMPAIGN_STRICT` also fails
-//! the campaign on replicas that disagree about writes in flight when the writer was killed.
+//! `PEERSAN_CAMPAIGN_KEEP`. `PEERSAN_CAMPAIGN_STRICT` also fails the campaign on replicas
+//! that disagree about writes in flight when the writer was killed.
 
 mod common;
 mod fault;
