@@ -16,6 +16,13 @@ use serde::Serialize;
 use super::{KillOnDrop, Target, WORKLOADS, fio, median, prefill};
 
 const VOLUME: &str = "bench";
+
+/// Progress on stderr, with the seconds since the section started.
+macro_rules! note {
+    ($t0:expr, $($arg:tt)*) => {
+        eprintln!("[{:6.1} s] {}", $t0.elapsed().as_secs_f64(), format!($($arg)*))
+    };
+}
 /// Longest a single resync may take before the benchmark gives up.
 const RESYNC_TIMEOUT: Duration = Duration::from_secs(900);
 /// The foreground workload: 4k random writes at QD32.
@@ -205,6 +212,12 @@ fn timed_return(c: &mut LocalCluster) -> anyhow::Result<ResyncRun> {
     Ok(ResyncRun { seconds: t0.elapsed().as_secs_f64(), api_up_seconds, api_total_bytes: api_total, state_before })
 }
 
+/// Writes back the page cache, so that no measurement pays for the writeback of the one
+/// before it.
+fn settle_disk() {
+    rustix::fs::sync();
+}
+
 struct RemoveDirOnDrop(PathBuf);
 impl Drop for RemoveDirOnDrop {
     fn drop(&mut self) {
@@ -213,15 +226,17 @@ impl Drop for RemoveDirOnDrop {
 }
 
 pub fn run(dir: &Path, o: &Options) -> anyhow::Result<ResyncReport> {
+    let t0 = Instant::now();
     let size = o.size;
     let repeat = o.repeat.max(1);
-    eprintln!("resync: 2-way volume of {size} bytes, {repeat} run(s) of each measurement, in {}", dir.display());
+    note!(t0, "2-way volume of {size} bytes, {repeat} run(s) of each measurement, in {}", dir.display());
+    settle_disk();
     let (disk_write, disk_read) = disk_speed(dir, size)?;
-    eprintln!("  disk: sequential write {disk_write:.1} MB/s, read {disk_read:.1} MB/s");
+    note!(t0, "disk: sequential write {disk_write:.1} MB/s, read {disk_read:.1} MB/s");
     let link = link_speed()?;
     match link {
-        Some(l) => eprintln!("  link: TCP over loopback {l:.1} MB/s"),
-        None => eprintln!("  link: iperf3 is not installed (Debian: apt-get install iperf3); link figure skipped"),
+        Some(l) => note!(t0, "link: TCP over loopback {l:.1} MB/s"),
+        None => note!(t0, "link: iperf3 is not installed (Debian: apt-get install iperf3); link figure skipped"),
     }
     let limit = link.map_or(disk_write, |l| l.min(disk_write));
 
@@ -239,21 +254,24 @@ pub fn run(dir: &Path, o: &Options) -> anyhow::Result<ResyncReport> {
     let uri = c.members[0].nbd_uri(VOLUME);
     let target = Target::Nbd(uri.clone());
 
+    note!(t0, "filling the volume");
     let t = Instant::now();
     prefill(&target, size)?;
     let fill_seconds = t.elapsed().as_secs_f64();
     let fill = "the whole volume written with non-zero data before the resyncs (fio sequential write, 1 MiB blocks, \
                 through NBD on node-1)"
         .to_string();
-    eprintln!("resync: volume filled in {fill_seconds:.1} s");
+    note!(t0, "volume filled in {fill_seconds:.1} s");
 
     let replica2 = c.members[1].replica_path(VOLUME);
     let mut full = Vec::new();
     for _ in 0..repeat {
         c.stop(1);
         std::fs::remove_file(&replica2).with_context(|| format!("removing {}", replica2.display()))?;
+        settle_disk();
+        note!(t0, "node-2 stopped, its replica deleted; starting it");
         let r = timed_return(&mut c)?;
-        eprintln!("  full resync: {:.2} s (API resync_total_bytes {:?})", r.seconds, r.api_total_bytes);
+        note!(t0, "full resync: {:.2} s (API resync_total_bytes {:?})", r.seconds, r.api_total_bytes);
         full.push(r);
     }
 
@@ -263,6 +281,7 @@ pub fn run(dir: &Path, o: &Options) -> anyhow::Result<ResyncReport> {
     let mut delta = Vec::new();
     for k in 0..repeat {
         c.stop(1);
+        note!(t0, "node-2 stopped; writing {dirty_bytes} bytes through node-1");
         // Random 4 KiB writes, each block at most once (fio's random map), fixed seed.
         let v = fio_json(&[
             "--name=dirty".into(),
@@ -279,9 +298,12 @@ pub fn run(dir: &Path, o: &Options) -> anyhow::Result<ResyncReport> {
         if wrote != dirty_bytes {
             bail!("fio wrote {wrote} bytes, expected {dirty_bytes}");
         }
+        settle_disk();
+        note!(t0, "starting node-2");
         let r = timed_return(&mut c)?;
-        eprintln!(
-            "  delta resync ({} MB dirty): {:.2} s (API resync_total_bytes {:?})",
+        note!(
+            t0,
+            "delta resync ({} MB dirty): {:.2} s (API resync_total_bytes {:?})",
             dirty_bytes as f64 / 1e6,
             r.seconds,
             r.api_total_bytes
@@ -292,8 +314,9 @@ pub fn run(dir: &Path, o: &Options) -> anyhow::Result<ResyncReport> {
     let w = WORKLOADS[FOREGROUND];
     let mut in_sync = Vec::new();
     for _ in 0..repeat {
+        settle_disk();
         let (iops, _, _, p99, _) = fio(&target, w, size, o.runtime)?;
-        eprintln!("  {} in sync: {iops:.0} IOPS, p99 {p99:.0} us", w.name);
+        note!(t0, "{} in sync: {iops:.0} IOPS, p99 {p99:.0} us", w.name);
         in_sync.push(ForegroundRun { iops, p99_us: p99, resync_running_at_end: None, resync_done_bytes_at_end: None });
     }
     if !all_in_sync(&api(c.volume(0, VOLUME))?) {
@@ -307,10 +330,11 @@ pub fn run(dir: &Path, o: &Options) -> anyhow::Result<ResyncReport> {
     for _ in 0..repeat {
         c.stop(1);
         std::fs::remove_file(&replica2).with_context(|| format!("removing {}", replica2.display()))?;
+        settle_disk();
         c.start(1)?;
         let (iops, _, _, p99, _) = fio(&target, w, size, o.runtime)?;
         let progress = local_progress(&c, 1);
-        eprintln!("  {} during resync: {iops:.0} IOPS, p99 {p99:.0} us; resync at the end: {:?}", w.name, progress);
+        note!(t0, "{} during resync: {iops:.0} IOPS, p99 {p99:.0} us; resync at the end: {:?}", w.name, progress);
         during.push(ForegroundRun {
             iops,
             p99_us: p99,
@@ -319,6 +343,7 @@ pub fn run(dir: &Path, o: &Options) -> anyhow::Result<ResyncReport> {
         });
     }
     drop(c);
+    note!(t0, "done");
 
     let full_seconds = median(full.iter().map(|r| r.seconds).collect());
     let delta_seconds = median(delta.iter().map(|r| r.seconds).collect());
@@ -351,7 +376,8 @@ fn mb(bytes: u64) -> String {
 }
 
 fn reported(runs: &[ResyncRun]) -> String {
-    let seen: Vec<String> = runs.iter().map(|r| r.api_total_bytes.map_or("not seen".into(), mb)).collect();
+    let seen: Vec<String> =
+        runs.iter().map(|r| r.api_total_bytes.map_or("not seen (ended before a poll)".into(), mb)).collect();
     seen.join(", ")
 }
 
@@ -359,6 +385,7 @@ pub fn print(r: &ResyncReport) {
     let runs = if r.repeat > 1 { format!(", medians of {} runs", r.repeat) } else { String::new() };
     println!("resync: 2-way volume of {}{runs}", mb(r.volume_bytes));
     println!("  {} ({:.1} s)", r.fill, r.fill_seconds);
+    println!("  the page cache is written back (sync) before each measurement");
     println!();
     println!("{:<52} {:>9}", "baseline", "MB/s");
     println!("{:<52} {:>9.1}", "disk seq write (fio 1M QD8 direct, 5 s)", r.disk_write_mb_s);
