@@ -212,6 +212,13 @@ fn timed_return(c: &mut LocalCluster) -> anyhow::Result<ResyncRun> {
     Ok(ResyncRun { seconds: t0.elapsed().as_secs_f64(), api_up_seconds, api_total_bytes: api_total, state_before })
 }
 
+/// SIGTERM to node-2, waiting for it to exit.
+fn stop_node2(c: &mut LocalCluster, t0: Instant) {
+    let t = Instant::now();
+    c.stop(1);
+    note!(t0, "node-2 stopped (SIGTERM; exited after {:.2} s)", t.elapsed().as_secs_f64());
+}
+
 /// Writes back the page cache, so that no measurement pays for the writeback of the one
 /// before it.
 fn settle_disk() {
@@ -266,10 +273,10 @@ pub fn run(dir: &Path, o: &Options) -> anyhow::Result<ResyncReport> {
     let replica2 = c.members[1].replica_path(VOLUME);
     let mut full = Vec::new();
     for _ in 0..repeat {
-        c.stop(1);
+        stop_node2(&mut c, t0);
         std::fs::remove_file(&replica2).with_context(|| format!("removing {}", replica2.display()))?;
         settle_disk();
-        note!(t0, "node-2 stopped, its replica deleted; starting it");
+        note!(t0, "node-2's replica deleted; starting it");
         let r = timed_return(&mut c)?;
         note!(t0, "full resync: {:.2} s (API resync_total_bytes {:?})", r.seconds, r.api_total_bytes);
         full.push(r);
@@ -280,8 +287,8 @@ pub fn run(dir: &Path, o: &Options) -> anyhow::Result<ResyncReport> {
     let dirty_bytes = dirty_blocks * 4096;
     let mut delta = Vec::new();
     for k in 0..repeat {
-        c.stop(1);
-        note!(t0, "node-2 stopped; writing {dirty_bytes} bytes through node-1");
+        stop_node2(&mut c, t0);
+        note!(t0, "writing {dirty_bytes} bytes through node-1");
         // Random 4 KiB writes, each block at most once (fio's random map), fixed seed.
         let v = fio_json(&[
             "--name=dirty".into(),
@@ -328,9 +335,10 @@ pub fn run(dir: &Path, o: &Options) -> anyhow::Result<ResyncReport> {
     c.write_configs()?;
     let mut during = Vec::new();
     for _ in 0..repeat {
-        c.stop(1);
+        stop_node2(&mut c, t0);
         std::fs::remove_file(&replica2).with_context(|| format!("removing {}", replica2.display()))?;
         settle_disk();
+        note!(t0, "node-2's replica deleted; starting it and fio");
         c.start(1)?;
         let (iops, _, _, p99, _) = fio(&target, w, size, o.runtime)?;
         let progress = local_progress(&c, 1);
