@@ -1,7 +1,10 @@
 //! `peersan-bench`: measures peersan volumes against a local file and an unreplicated
-//! user-space NBD server (qemu-nbd) in the same run, with fio, and prints ratios.
+//! user-space NBD server (qemu-nbd) in the same run, with fio, and prints ratios; its
+//! resync section times replica resynchronisation against the disk and link speed.
 
 mod common;
+#[path = "peersan_bench/resync.rs"]
+mod resync;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,32 +20,48 @@ use serde::Serialize;
 #[command(name = "peersan-bench", version, about = "fio benchmark of peersan volumes against local baselines")]
 struct Args {
     #[command(subcommand)]
-    agent: Option<AgentCmd>,
+    cmd: Option<Cmd>,
     /// Size of the test file / volume.
     #[arg(long, default_value = "1GiB", value_parser = peersan_node_agent::config::ByteSize::parse)]
     size: peersan_node_agent::config::ByteSize,
     /// Seconds per fio job.
     #[arg(long, default_value_t = 8)]
     runtime: u64,
-    /// Runs of each job; the median is reported.
-    #[arg(long, default_value_t = 1)]
+    /// Runs of each job (and of each resync measurement); the median is reported.
+    #[arg(long, default_value_t = 1, global = true)]
     repeat: usize,
-    /// Setups to run (comma-separated): local, qemu-nbd, 1-way, 2-way, 3-way.
-    #[arg(long, value_delimiter = ',', default_value = "local,qemu-nbd,1-way,2-way,3-way")]
+    /// Setups to run (comma-separated): local, qemu-nbd, 1-way, 2-way, 3-way, resync.
+    #[arg(long, value_delimiter = ',', default_value = "local,qemu-nbd,1-way,2-way,3-way,resync")]
     setups: Vec<String>,
     /// Working directory (on the disk to measure); default: a fresh directory in /var/tmp.
-    #[arg(long)]
+    #[arg(long, global = true)]
     dir: Option<PathBuf>,
     /// Also write the results as JSON.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: Option<PathBuf>,
+    /// Resync section: size of the 2-way volume.
+    #[arg(long, default_value = "4GiB", value_parser = peersan_node_agent::config::ByteSize::parse, global = true)]
+    resync_size: peersan_node_agent::config::ByteSize,
+    /// Resync section: share of the volume's 4 KiB blocks written while a replica is away
+    /// before the delta resync, in percent.
+    #[arg(long, default_value_t = 1.0, global = true)]
+    resync_dirty_percent: f64,
+    /// Resync section: seconds of each foreground 4k random-write run.
+    #[arg(long, default_value_t = 10, global = true)]
+    resync_runtime: u64,
+    /// Resync section: resync rate limit (per second) while foreground writes are measured
+    /// during a resync; default: the agent's default.
+    #[arg(long, value_parser = peersan_node_agent::config::ByteSize::parse, global = true)]
+    resync_rate_during: Option<peersan_node_agent::config::ByteSize>,
 }
 
 #[derive(clap::Subcommand, Debug)]
-enum AgentCmd {
+enum Cmd {
     /// Run a node agent (the benchmark starts its agents this way).
     #[command(hide = true)]
     Agent(common::agent::AgentArgs),
+    /// Run only the resync section (same as `--setups resync`).
+    Resync,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +98,8 @@ struct Report {
     repeat: usize,
     results: Vec<Result_>,
     peak_rss_kib: BTreeMap<String, u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resync: Option<resync::ResyncReport>,
 }
 
 enum Target {
@@ -206,22 +227,27 @@ fn wait_for_socket(p: &Path) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    let a = Args::parse();
-    if let Some(AgentCmd::Agent(args)) = a.agent {
-        return common::agent::run_agent(args);
+    let mut a = Args::parse();
+    match a.cmd.take() {
+        Some(Cmd::Agent(args)) => return common::agent::run_agent(args),
+        Some(Cmd::Resync) => a.setups = vec!["resync".into()],
+        None => {}
     }
     let dir = a.dir.clone().unwrap_or_else(|| PathBuf::from(format!("/var/tmp/peersan-bench-{}", std::process::id())));
     std::fs::create_dir_all(&dir)?;
     let size = a.size.0;
     let mut results = Vec::new();
     let mut rss = BTreeMap::new();
-    eprintln!(
-        "peersan-bench: {} per target, {} s per job, {} run(s) each, in {}",
-        size,
-        a.runtime,
-        a.repeat,
-        dir.display()
-    );
+    let mut resync_report = None;
+    if a.setups.iter().any(|s| s != "resync") {
+        eprintln!(
+            "peersan-bench: {} per target, {} s per job, {} run(s) each, in {}",
+            size,
+            a.runtime,
+            a.repeat,
+            dir.display()
+        );
+    }
     for setup in &a.setups {
         match setup.as_str() {
             "local" => {
@@ -281,12 +307,37 @@ fn main() -> anyhow::Result<()> {
                 drop(c);
                 let _ = std::fs::remove_dir_all(&cdir);
             }
-            other => bail!("unknown setup {other:?} (local, qemu-nbd, 1-way, 2-way, 3-way)"),
+            "resync" => {
+                let o = resync::Options {
+                    size: a.resync_size.0,
+                    runtime: a.resync_runtime,
+                    dirty_percent: a.resync_dirty_percent,
+                    rate_during: a.resync_rate_during.map(|r| r.0),
+                    repeat: a.repeat,
+                };
+                resync_report = Some(resync::run(&dir, &o)?);
+            }
+            other => bail!("unknown setup {other:?} (local, qemu-nbd, 1-way, 2-way, 3-way, resync)"),
         }
     }
-    print_table(&results, &rss);
+    if !results.is_empty() {
+        print_table(&results, &rss);
+    }
+    if let Some(r) = &resync_report {
+        if !results.is_empty() {
+            println!();
+        }
+        resync::print(r);
+    }
     if let Some(p) = &a.json {
-        let report = Report { size_bytes: size, runtime_s: a.runtime, repeat: a.repeat, results, peak_rss_kib: rss };
+        let report = Report {
+            size_bytes: size,
+            runtime_s: a.runtime,
+            repeat: a.repeat,
+            results,
+            peak_rss_kib: rss,
+            resync: resync_report,
+        };
         std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
         eprintln!("results written to {}", p.display());
     }
