@@ -32,7 +32,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -254,7 +254,13 @@ pub struct Replica {
     al_seq: std::sync::atomic::AtomicU64,
     /// Whether `RWF_NOWAIT` works for writes on this file (cleared at the first EOPNOTSUPP).
     nowait_writes: AtomicBool,
+    /// A second descriptor with `O_DIRECT` for bulk copies (resync), opened on first use;
+    /// None inside when the file does not support direct I/O.
+    direct: std::sync::OnceLock<Option<File>>,
 }
+
+/// Reads of at least this size skip the non-blocking attempt (see [`Replica::read`]).
+const LARGE_READ: usize = 256 << 10;
 
 /// Largest buffered write done on the calling thread when the filesystem does not support
 /// non-blocking buffered writes.
@@ -341,6 +347,7 @@ impl Replica {
             meta: Mutex::new((0, meta.clone())),
             al_seq: 0.into(),
             nowait_writes: AtomicBool::new(true),
+            direct: std::sync::OnceLock::new(),
         };
         // Write both slots so that a stale header from an earlier use of a device can't win.
         r.write_slot(0, &meta.encode(1)?)?;
@@ -384,6 +391,7 @@ impl Replica {
             meta: Mutex::new((seq, meta)),
             al_seq: 0.into(),
             nowait_writes: AtomicBool::new(true),
+            direct: std::sync::OnceLock::new(),
         };
         let (al_seq, _) = r.read_al_slots();
         r.al_seq.store(al_seq, Ordering::Relaxed);
@@ -526,8 +534,27 @@ impl Replica {
 
     /// Reads `len` bytes at volume offset `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> io::Result<Bytes> {
-        let mut buf = BytesMut::zeroed(len);
         let pos = self.layout.data_offset + offset;
+        if len >= LARGE_READ {
+            // Large reads (resync copies) go to the blocking pool into an uninitialised
+            // buffer: zeroing megabytes first would cost as much as the read.
+            let file = self.file.clone();
+            return tokio::task::spawn_blocking(move || {
+                let mut v: Vec<u8> = Vec::with_capacity(len);
+                while v.len() < len {
+                    let at = pos + v.len() as u64;
+                    match rustix::io::pread(&*file, rustix::buffer::spare_capacity(&mut v), at) {
+                        Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                        Ok(_) | Err(Errno::INTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(Bytes::from(v))
+            })
+            .await
+            .map_err(io::Error::other)?;
+        }
+        let mut buf = BytesMut::zeroed(len);
         match rustix::io::preadv2(&*self.file, &mut [IoSliceMut::new(&mut buf)], pos, ReadWriteFlags::NOWAIT) {
             Ok(n) if n == len => return Ok(buf.freeze()),
             Ok(_) | Err(Errno::AGAIN) | Err(Errno::OPNOTSUPP) => {}
@@ -586,6 +613,34 @@ impl Replica {
         tokio::task::spawn_blocking(move || rustix::fs::fdatasync(&*file).map_err(io::Error::from))
             .await
             .map_err(io::Error::other)?
+    }
+
+    /// Writes a bulk copy at volume offset `offset` (blocking; for resync). Whole aligned
+    /// blocks go through an `O_DIRECT` descriptor, which spares the page-cache copy that
+    /// limits buffered writes; the page cache stays coherent (the kernel writes back and
+    /// drops cached pages of the range first). Falls back to a buffered write where direct
+    /// I/O is not supported.
+    pub fn write_bulk(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        const ALIGN: usize = 4096;
+        let pos = self.layout.data_offset + offset;
+        let direct = self.direct.get_or_init(|| {
+            OpenOptions::new().write(true).custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32).open(&self.path).ok()
+        });
+        let aligned = pos.is_multiple_of(ALIGN as u64) && data.len().is_multiple_of(ALIGN) && !data.is_empty();
+        if let (Some(f), true) = (direct, aligned) {
+            // A buffer whose start is aligned, as direct I/O requires (only the bytes before
+            // the aligned start are zeroed).
+            let mut buf: Vec<u8> = Vec::with_capacity(data.len() + ALIGN);
+            let skip = (ALIGN - buf.as_ptr() as usize % ALIGN) % ALIGN;
+            buf.resize(skip, 0);
+            buf.extend_from_slice(data);
+            match write_all_at(f, &buf[skip..skip + data.len()], pos) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(Errno::INVAL.raw_os_error()) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        write_all_at(&self.file, data, pos)
     }
 
     /// Makes all completed writes durable, on the calling thread.

@@ -289,7 +289,7 @@ mod tests {
             let mut seen = vec![false; blocks as usize];
             let mut at = 0;
             while let Some((s, n)) = b.next_run(at, 7) {
-                prop_assert!(n >= 1 && n <= 7);
+                prop_assert!((1..=7).contains(&n));
                 for k in s..s + n { seen[k as usize] = true; }
                 at = s + n;
             }

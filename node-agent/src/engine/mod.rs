@@ -54,9 +54,13 @@ use ranges::RangeLocks;
 pub use state::ReplicaState;
 
 /// Largest resync copy request.
-const RESYNC_CHUNK: u64 = 1 << 20;
-/// Resync copy requests in flight.
-const RESYNC_DEPTH: usize = 8;
+const RESYNC_CHUNK: u64 = 4 << 20;
+/// Resync copy requests in flight (many small ones after scattered writes), and the bytes
+/// they may ask for at once.
+const RESYNC_DEPTH: usize = 256;
+const RESYNC_INFLIGHT_BYTES: u64 = 48 << 20;
+/// Resync writes of at least this size bypass the page cache.
+const BULK_MIN: usize = 256 << 10;
 /// Bytes of bitmap fetched by one `GetBitmap`.
 const BITMAP_CHUNK: usize = 1 << 20;
 /// The target persists its progress after this many bytes copied, or this long.
@@ -225,6 +229,9 @@ fn io_error(msg: impl Into<String>) -> BlockError {
 fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
     (offset / BLOCK_SIZE, (offset + len).div_ceil(BLOCK_SIZE))
 }
+
+/// Changed bitmap pages: (replica index, [(page index, bytes)]).
+type BitmapPages = Vec<(u32, Vec<(usize, Vec<u8>)>)>;
 
 /// Blocks of one activity-log extent.
 const EXTENT_BLOCKS: u64 = al::AL_EXTENT / BLOCK_SIZE;
@@ -846,7 +853,7 @@ impl Volume {
     }
 
     /// Takes the changed pages of every bitmap.
-    fn take_bitmap_pages(&self) -> Vec<(u32, Vec<(usize, Vec<u8>)>)> {
+    fn take_bitmap_pages(&self) -> BitmapPages {
         let mut b = self.bitmaps.lock().unwrap();
         b.iter_mut()
             .enumerate()
@@ -855,7 +862,7 @@ impl Volume {
             .collect()
     }
 
-    fn write_bitmap_pages(&self, replica: &Replica, pages: &[(u32, Vec<(usize, Vec<u8>)>)]) -> std::io::Result<()> {
+    fn write_bitmap_pages(&self, replica: &Replica, pages: &BitmapPages) -> std::io::Result<()> {
         for (k, p) in pages {
             if let Err(e) = replica.write_bitmap_pages(*k, p) {
                 let mut b = self.bitmaps.lock().unwrap();
@@ -1497,7 +1504,6 @@ impl Volume {
             let Some(l) = l else { continue };
             let li = l.inner.lock().unwrap();
             let Some(t) = li.theirs.as_ref() else { continue };
-            tracing::debug!(volume = %self.spec.name, peer = %l.name, state = %li.state, consistent = t.consistent, outdated = ?t.outdated_peers, connected = li.conn.is_some(), "resync source candidate");
             if li.state != ReplicaState::InSync || !t.consistent || !t.local_ok {
                 continue;
             }
@@ -1630,15 +1636,18 @@ impl Volume {
         let mut scheduled = 0u64;
         let mut since_checkpoint = 0u64;
         let mut last_checkpoint = Instant::now();
+        let mut checkpoint: Option<tokio::task::JoinHandle<std::io::Result<()>>> = None;
         let mut cursor = 0u64;
         let mut inflight = FuturesUnordered::new();
+        let mut inflight_bytes = 0u64;
         loop {
-            while inflight.len() < RESYNC_DEPTH {
+            while inflight.len() < RESYNC_DEPTH && inflight_bytes < RESYNC_INFLIGHT_BYTES {
                 let run = self.bitmaps.lock().unwrap()[self.me].next_run(cursor, RESYNC_CHUNK / BLOCK_SIZE);
                 let Some((b, n)) = run else { break };
                 cursor = b + n;
                 let (off, len) = (b * BLOCK_SIZE, n * BLOCK_SIZE);
                 scheduled += len;
+                inflight_bytes += len;
                 let at = start + Duration::from_secs_f64(if rate > 0 { scheduled as f64 / rate as f64 } else { 0.0 });
                 inflight.push(async move {
                     tokio::time::sleep_until(at).await;
@@ -1656,17 +1665,35 @@ impl Volume {
             }
             let Some(r) = inflight.next().await else { break };
             let len = r?;
+            inflight_bytes -= len;
             self.resync.lock().unwrap().done_bytes += len;
             since_checkpoint += len;
-            if since_checkpoint >= CHECKPOINT_BYTES || last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
+            // Checkpoint in the background: the bitmap pages taken now clear only blocks
+            // whose data was written before, which the flush that precedes writing them makes
+            // durable; the copy goes on meanwhile.
+            let due = since_checkpoint >= CHECKPOINT_BYTES || last_checkpoint.elapsed() >= CHECKPOINT_EVERY;
+            if due && checkpoint.as_ref().is_none_or(|h| h.is_finished()) {
+                if let Some(h) = checkpoint.take() {
+                    h.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+                }
                 since_checkpoint = 0;
                 last_checkpoint = Instant::now();
-                replica.flush().await.map_err(|e| e.to_string())?;
-                self.flush_bitmaps(replica).await.map_err(|e| e.to_string())?;
+                let pages = self.take_bitmap_pages();
+                let r = replica.clone();
+                checkpoint = Some(tokio::task::spawn_blocking(move || {
+                    r.flush_sync()?;
+                    for (k, p) in &pages {
+                        r.write_bitmap_pages(*k, p)?;
+                    }
+                    Ok(())
+                }));
             }
             if self.stopping.load(Ordering::Acquire) {
                 return Err("stopping".into());
             }
+        }
+        if let Some(h) = checkpoint.take() {
+            h.await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
         }
         replica.flush().await.map_err(|e| e.to_string())?;
         self.flush_bitmaps(replica).await.map_err(|e| e.to_string())?;
@@ -1675,7 +1702,7 @@ impl Volume {
 
     /// Writes resync data for the blocks still lacking (a foreground write may have made
     /// some current meanwhile) and clears them.
-    async fn apply_resync(&self, replica: &Replica, off: u64, data: Bytes) -> std::io::Result<()> {
+    async fn apply_resync(&self, replica: &Arc<Replica>, off: u64, data: Bytes) -> std::io::Result<()> {
         let _g = self.apply_locks.lock(off, data.len() as u64).await;
         let (s, e) = blocks_of(off, data.len() as u64);
         let mut runs = Vec::new();
@@ -1696,7 +1723,15 @@ impl Volume {
         }
         for (rs, rn) in runs {
             let from = ((rs - s) * BLOCK_SIZE) as usize;
-            replica.write(rs * BLOCK_SIZE, data.slice(from..from + (rn * BLOCK_SIZE) as usize), false).await?;
+            let chunk = data.slice(from..from + (rn * BLOCK_SIZE) as usize);
+            if chunk.len() >= BULK_MIN {
+                let r = replica.clone();
+                tokio::task::spawn_blocking(move || r.write_bulk(rs * BLOCK_SIZE, &chunk))
+                    .await
+                    .map_err(std::io::Error::other)??;
+            } else {
+                replica.write(rs * BLOCK_SIZE, chunk, false).await?;
+            }
             self.bitmaps.lock().unwrap()[self.me].clear_blocks(rs, rs + rn);
         }
         Ok(())

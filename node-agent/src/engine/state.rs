@@ -107,10 +107,7 @@ pub fn decide(
     let local_outdated = both_ok
         && theirs.consistent
         && !i_flag_them
-        && (!mine.consistent
-            || they_flag_me
-            || (mine.generation == 0 && theirs.generation > 0)
-            || (weak && mine.consistent && they_win));
+        && (!mine.consistent || they_flag_me || (mine.generation == 0 && theirs.generation > 0) || (weak && they_win));
     let peer = if !theirs.local_ok {
         ReplicaState::Diskless
     } else if !theirs.consistent {
