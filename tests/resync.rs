@@ -43,9 +43,22 @@ fn resync_copies_only_missed_blocks_at_the_configured_rate_with_progress() {
         local.resync_rate_bytes_per_sec
     );
     assert!(local.resync_eta_seconds > 0, "{local:?}");
+    // The CLI follows it with a progress bar until the volume is healthy.
+    let watch = std::process::Command::new(env!("CARGO_BIN_EXE_peersan"))
+        .args(["--socket", &c.members[1].api_socket().display().to_string(), "volume", "watch", "vol"])
+        .args(["--timeout", "60"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     // Foreground writes go on meanwhile (sub-block ones too, on blocks not copied yet).
     random_writes(&c.members[0].nbd_uri("vol"), &mut image, 30, 73, dir.path());
     c.wait_healthy(1, "vol", Duration::from_secs(60)).unwrap();
+    let out = watch.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.lines().any(|l| l.contains("vol node-2: [#") && l.contains("% ") && l.contains("ETA")), "{text}");
+    assert_eq!(text.lines().last(), Some("vol: healthy"), "{text}");
     let took = started.elapsed();
     let floor = Duration::from_secs_f64(missed as f64 / rate as f64 * 0.8);
     assert!(took >= floor, "a {missed}-byte resync at {rate} B/s took only {took:?}");

@@ -1,5 +1,4 @@
-//! Small concurrency helpers of the mirror engine: a range lock that serialises
-//! overlapping requests, and a bitset of 4 KiB blocks.
+//! A range lock that serialises overlapping requests of the mirror engine.
 
 use std::sync::{Arc, Mutex};
 
@@ -75,83 +74,9 @@ impl Drop for RangeGuard<'_> {
     }
 }
 
-/// A set of 4 KiB blocks of a volume.
-#[derive(Debug, Clone)]
-pub struct BlockSet {
-    bits: Vec<u64>,
-    blocks: u64,
-}
-
-impl BlockSet {
-    pub fn new(size: u64) -> Self {
-        let blocks = size.div_ceil(BLOCK_SIZE);
-        Self { bits: vec![0; blocks.div_ceil(64) as usize], blocks }
-    }
-
-    /// Marks every block that `[offset, offset + len)` touches.
-    pub fn insert_touched(&mut self, offset: u64, len: u64) {
-        let (s, e) = block_span(offset, len);
-        for b in s / BLOCK_SIZE..(e / BLOCK_SIZE).min(self.blocks) {
-            self.bits[(b / 64) as usize] |= 1 << (b % 64);
-        }
-    }
-
-    /// Marks the blocks that `[offset, offset + len)` covers entirely.
-    pub fn insert_covered(&mut self, offset: u64, len: u64) {
-        let first = offset.div_ceil(BLOCK_SIZE);
-        let last = (offset + len) / BLOCK_SIZE;
-        for b in first..last.min(self.blocks) {
-            self.bits[(b / 64) as usize] |= 1 << (b % 64);
-        }
-    }
-
-    pub fn contains_block(&self, block: u64) -> bool {
-        block < self.blocks && self.bits[(block / 64) as usize] & (1 << (block % 64)) != 0
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.bits.iter().all(|&w| w == 0)
-    }
-
-    /// The set as sorted, coalesced byte ranges `(offset, len)`.
-    pub fn ranges(&self) -> Vec<(u64, u64)> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for (wi, &w) in self.bits.iter().enumerate() {
-            if w == 0 {
-                continue;
-            }
-            for bit in 0..64 {
-                if w & (1 << bit) != 0 {
-                    let off = (wi as u64 * 64 + bit) * BLOCK_SIZE;
-                    match out.last_mut() {
-                        Some((o, l)) if *o + *l == off => *l += BLOCK_SIZE,
-                        _ => out.push((off, BLOCK_SIZE)),
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    pub fn clear(&mut self) {
-        self.bits.iter_mut().for_each(|w| *w = 0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn blockset_ranges() {
-        let mut s = BlockSet::new(1 << 20);
-        s.insert_touched(100, 10);
-        s.insert_touched(4096, 8192);
-        s.insert_covered(20480, 4095); // covers nothing
-        s.insert_covered(40000, 10000); // covers block 10 and 11? 40960..49152 -> blocks 10,11
-        assert_eq!(s.ranges(), vec![(0, 12288), (40960, 8192)]);
-        assert!(s.contains_block(10) && !s.contains_block(5));
-    }
 
     #[tokio::test]
     async fn overlapping_ranges_wait() {
