@@ -302,6 +302,9 @@ fn demo(keep: bool) -> anyhow::Result<()> {
 
     step(t0, "kill -9 node-3");
     cluster.kill(2);
+    step(t0, "node-2 takes write priority (a new fencing epoch; node-1's writes are refused from now on)");
+    let v = cluster.promote(1, vol).map_err(anyhow::Error::msg)?;
+    println!("{} holds write priority at epoch {}", v.writer, v.epoch);
     step(t0, "writing 8 MiB more through node-2 while node-3 is down");
     let ops: Vec<String> = (0..8).map(|i| format!("write -P {} {}M 1M", 0xa0 + i, 24 + i)).collect();
     qemu_io(&uri2, &ops)?;
@@ -314,7 +317,10 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     checks.extend((0..8).map(|i| format!("read -P {} {}M 1M", 0xa0 + i, 24 + i)));
     qemu_io(&uri1, &checks)?;
 
-    step(t0, "restarting node-3; it resynchronises from an in-sync peer");
+    step(
+        t0,
+        "restarting node-3; it copies what it missed (and, after its kill -9, what its activity log covered) from an in-sync peer",
+    );
     cluster.start(2)?;
     let v = cluster.wait_healthy(2, vol, Duration::from_secs(30)).map_err(anyhow::Error::msg)?;
     step(t0, "node-3 is back in sync:");
