@@ -23,9 +23,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::disk::FailingDisk;
 use common::*;
 use fault::check::{self, Findings, View};
-use fault::disk::FailingDisk;
 use fault::nbd_client::NbdClient;
 use fault::netns::Net;
 use fault::workload::{self, Workload};

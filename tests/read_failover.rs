@@ -2,9 +2,8 @@
 //! that node return the acknowledged data from a peer.
 
 mod common;
+use common::disk::FailingDisk;
 use common::*;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 #[test]
@@ -31,62 +30,6 @@ fn deleted_replica_reads_come_from_peer() {
     assert_same("read through node-1 with its replica deleted", &got, &image.data);
     c.wait_healthy(0, "vol", Duration::from_secs(120)).unwrap();
     assert_replicas_equal(&mut c, "vol", &[0, 1], &image.data);
-}
-
-/// A disk that can be made to fail: nbdkit's memory plugin behind its `error` filter,
-/// exposed as a file through the kernel's FUSE by nbdfuse. While the trigger file exists
-/// every request returns EIO, which the kernel passes on to the agent's pread/pwrite.
-struct FailingDisk {
-    dir: PathBuf,
-    nbdkit: std::process::Child,
-    nbdfuse: std::process::Child,
-}
-
-impl FailingDisk {
-    fn new(dir: &std::path::Path, bytes: u64) -> FailingDisk {
-        let sock = dir.join("disk.sock");
-        let nbdkit = Command::new("nbdkit")
-            .args(["--foreground", "-U"])
-            .arg(&sock)
-            .args(["--filter=error", "memory", &bytes.to_string(), "error=EIO", "error-rate=100%"])
-            .arg(format!("error-file={}", dir.join("disk.fail").display()))
-            .spawn()
-            .unwrap();
-        wait_until(|| sock.exists());
-        let file = dir.join("disk");
-        std::fs::File::create(&file).unwrap();
-        let nbdfuse = Command::new("nbdfuse").arg(&file).arg("--unix").arg(&sock).spawn().unwrap();
-        wait_until(|| std::fs::metadata(&file).map(|m| m.len() == bytes).unwrap_or(false));
-        FailingDisk { dir: dir.to_owned(), nbdkit, nbdfuse }
-    }
-
-    fn path(&self) -> PathBuf {
-        self.dir.join("disk")
-    }
-
-    fn fail(&self) {
-        std::fs::write(self.dir.join("disk.fail"), b"").unwrap();
-        // Drop cached pages so that reads reach the failing disk.
-        std::fs::write("/proc/sys/vm/drop_caches", b"3").unwrap();
-    }
-}
-
-fn wait_until(cond: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(std::time::Instant::now() < deadline, "condition not reached in 10 s");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-impl Drop for FailingDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("fusermount3").arg("-u").arg(self.path()).status();
-        let _ = self.nbdfuse.kill();
-        let _ = self.nbdfuse.wait();
-        let _ = self.nbdkit.kill();
-        let _ = self.nbdkit.wait();
-    }
 }
 
 #[test]

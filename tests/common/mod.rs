@@ -2,6 +2,8 @@
 //! `peersan_node_agent::localcluster`), real NBD clients, and byte-for-byte checks.
 #![allow(dead_code)]
 
+pub mod disk;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;

@@ -1,9 +1,8 @@
-//! Building blocks of the fault campaign: network namespaces with breakable links, a
-//! failing disk, an NBD client, the self-describing workload and its ledger, and the
+//! Building blocks of the fault campaign: network namespaces with breakable links, an
+//! NBD client, the self-describing workload and its ledger, and the
 //! checks of replicas against the ledger.
 
 pub mod check;
-pub mod disk;
 pub mod ledger;
 pub mod nbd_client;
 pub mod netns;
