@@ -186,8 +186,11 @@ fn corrupted_and_malformed_peer_frames_are_refused() {
         return;
     }
     let size = 8 * MIB;
-    let (_dir, c) = cluster(2, "vol", size, &[0, 1]);
+    let (_dir, mut c) = cluster(2, "vol", size, &[0, 1]);
     c.wait_healthy(0, "vol", Duration::from_secs(20)).unwrap();
+    // This test speaks as node-2: the real node-2 is stopped meanwhile (a node's newest
+    // connection for a volume replaces its older ones, so the two would take turns).
+    c.stop(1);
     let secret = std::fs::read(&c.secret_file).unwrap().trim_ascii().to_vec();
     let addr = format!("127.0.0.1:{}", c.members[0].peer_port);
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -266,6 +269,8 @@ fn corrupted_and_malformed_peer_frames_are_refused() {
         assert!(matches!(f.next().await, None | Some(Err(_))));
     });
     // None of the refused writes reached the replica, and the agent still serves.
+    c.start(1).unwrap();
+    c.wait_healthy(0, "vol", Duration::from_secs(20)).unwrap();
     let uri = c.members[0].nbd_uri("vol");
     qemu_io(&uri, &["read -P 0 65536 4096".into(), "write -P 0x11 0 4096".into(), "read -P 0x11 0 4096".into()]);
     qemu_io(&c.members[1].nbd_uri("vol"), &["read -P 0x11 0 4096".into(), "read -P 0 65536 4096".into()]);
