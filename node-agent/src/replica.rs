@@ -338,17 +338,7 @@ impl Replica {
             needs_full: !consistent,
             flag_epoch: 0,
         };
-        let r = Replica {
-            path: path.to_owned(),
-            file: Arc::new(file),
-            size,
-            is_device,
-            layout,
-            meta: Mutex::new((0, meta.clone())),
-            al_seq: 0.into(),
-            nowait_writes: AtomicBool::new(true),
-            direct: std::sync::OnceLock::new(),
-        };
+        let r = Replica::from_parts(path, file, is_device, 0, meta.clone());
         // Write both slots so that a stale header from an earlier use of a device can't win.
         r.write_slot(0, &meta.encode(1)?)?;
         r.write_slot(1, &meta.encode(0)?)?;
@@ -381,21 +371,24 @@ impl Replica {
         if meta.size != size {
             return Err(ReplicaError::WrongSize { path: path.into(), found: meta.size, expected: size });
         }
-        let layout = Layout::new(size, meta.replicas);
-        let r = Replica {
+        let r = Replica::from_parts(path, file, is_device, seq, meta);
+        let (al_seq, _) = r.read_al_slots();
+        r.al_seq.store(al_seq, Ordering::Relaxed);
+        Ok(r)
+    }
+
+    fn from_parts(path: &Path, file: File, is_device: bool, seq: u64, meta: ReplicaMeta) -> Replica {
+        Replica {
             path: path.to_owned(),
             file: Arc::new(file),
-            size,
+            size: meta.size,
             is_device,
-            layout,
+            layout: Layout::new(meta.size, meta.replicas),
             meta: Mutex::new((seq, meta)),
             al_seq: 0.into(),
             nowait_writes: AtomicBool::new(true),
             direct: std::sync::OnceLock::new(),
-        };
-        let (al_seq, _) = r.read_al_slots();
-        r.al_seq.store(al_seq, Ordering::Relaxed);
-        Ok(r)
+        }
     }
 
     pub fn layout(&self) -> Layout {

@@ -232,6 +232,11 @@ fn blocks_of(offset: u64, len: u64) -> (u64, u64) {
 /// Changed bitmap pages: (replica index, [(page index, bytes)]).
 type BitmapPages = Vec<(u32, Vec<(usize, Vec<u8>)>)>;
 
+/// Writes bitmap pages to the replica and makes them durable.
+fn write_pages(replica: &Replica, pages: &BitmapPages) -> std::io::Result<()> {
+    pages.iter().try_for_each(|(k, p)| replica.write_bitmap_pages(*k, p))
+}
+
 /// Blocks of one activity-log extent.
 const EXTENT_BLOCKS: u64 = al::AL_EXTENT / BLOCK_SIZE;
 
@@ -861,25 +866,24 @@ impl Volume {
             .collect()
     }
 
-    fn write_bitmap_pages(&self, replica: &Replica, pages: &BitmapPages) -> std::io::Result<()> {
+    /// Marks pages whose write failed as still to be written.
+    fn remark_dirty(&self, pages: &BitmapPages) {
+        let mut b = self.bitmaps.lock().unwrap();
         for (k, p) in pages {
-            if let Err(e) = replica.write_bitmap_pages(*k, p) {
-                let mut b = self.bitmaps.lock().unwrap();
-                for (kk, p) in pages {
-                    for (i, _) in p {
-                        b[*kk as usize].mark_dirty(*i);
-                    }
-                }
-                return Err(e);
+            for (i, _) in p {
+                b[*k as usize].mark_dirty(*i);
             }
         }
-        Ok(())
     }
 
     /// Writes the changed pages of every bitmap (blocking; for rare state changes).
     fn flush_bitmaps_sync(&self, replica: &Replica) -> std::io::Result<()> {
         let pages = self.take_bitmap_pages();
-        self.write_bitmap_pages(replica, &pages)
+        let res = write_pages(replica, &pages);
+        if res.is_err() {
+            self.remark_dirty(&pages);
+        }
+        res
     }
 
     async fn flush_bitmaps(&self, replica: &Arc<Replica>) -> std::io::Result<()> {
@@ -888,23 +892,14 @@ impl Volume {
             return Ok(());
         }
         let r = replica.clone();
-        let pages = Arc::new(pages);
-        let p2 = pages.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            for (k, p) in p2.iter() {
-                r.write_bitmap_pages(*k, p)?;
-            }
-            Ok::<(), std::io::Error>(())
+        let (pages, res) = tokio::task::spawn_blocking(move || {
+            let res = write_pages(&r, &pages);
+            (pages, res)
         })
         .await
         .map_err(std::io::Error::other)?;
         if res.is_err() {
-            let mut b = self.bitmaps.lock().unwrap();
-            for (k, p) in pages.iter() {
-                for (i, _) in p {
-                    b[*k as usize].mark_dirty(*i);
-                }
-            }
+            self.remark_dirty(&pages);
         }
         res
     }
@@ -1159,28 +1154,29 @@ impl Volume {
         out
     }
 
-    fn not_holder(&self) -> Option<BlockError> {
-        let p = self.priority();
-        (p.holder != self.ctx.name).then(|| {
-            BlockError::new(
-                BlockErrorKind::Unavailable,
-                format!(
-                    "volume {}: {} does not hold write priority (held by {} at epoch {}); promote this node to write here",
-                    self.spec.name, self.ctx.name, p.holder, p.epoch
-                ),
-            )
-        })
+    /// The epoch to write under, when this node holds write priority.
+    fn write_epoch(&self) -> BlockResult<u64> {
+        let p = self.priority.lock().unwrap();
+        if p.holder == self.ctx.name {
+            return Ok(p.epoch);
+        }
+        Err(BlockError::new(
+            BlockErrorKind::Unavailable,
+            format!(
+                "volume {}: {} does not hold write priority (held by {} at epoch {}); promote this node to write here",
+                self.spec.name, self.ctx.name, p.holder, p.epoch
+            ),
+        ))
     }
 
     /// A write-like operation received by a frontend of this node.
     async fn submit(&self, op: Op) -> BlockResult<()> {
         let (offset, len) = op.range();
         check_range(offset, len, self.spec.size)?;
-        if let Some(e) = self.not_holder() {
-            return Err(e);
-        }
+        self.write_epoch()?;
         let _guard = self.write_locks.lock(offset, len).await;
-        let epoch = self.priority().epoch;
+        // Again under the lock: priority may have moved while this write waited.
+        let epoch = self.write_epoch()?;
 
         let (local, targets) = self.write_targets();
         let mut sent = 0u32;
@@ -1342,22 +1338,21 @@ impl Volume {
         Some((id, rx, guard))
     }
 
-    /// A peer's connection to us closed.
-    pub fn peer_closed(&self, _from: usize) {}
-
     /// Checks the epoch of a write from `from`: a newer one is adopted, an older one (or the
     /// same one held by another node) is refused.
     fn check_epoch(&self, from: usize, epoch: u64) -> Result<(), Reply> {
         let sender = &self.spec.replicas[from];
-        let cur = self.priority();
-        if epoch > cur.epoch {
-            self.adopt_priority(epoch, sender);
-            return Ok(());
+        {
+            let cur = self.priority.lock().unwrap();
+            if epoch == cur.epoch && cur.holder == *sender {
+                return Ok(());
+            }
+            if epoch <= cur.epoch {
+                return Err(Reply::Fenced { epoch: cur.epoch, holder: cur.holder.clone() });
+            }
         }
-        if epoch == cur.epoch && cur.holder == *sender {
-            return Ok(());
-        }
-        Err(Reply::Fenced { epoch: cur.epoch, holder: cur.holder })
+        self.adopt_priority(epoch, sender);
+        Ok(())
     }
 
     /// Executes a request that a peer sent us. Returns the reply to send.

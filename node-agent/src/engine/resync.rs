@@ -227,10 +227,7 @@ impl Volume {
                 let r = replica.clone();
                 checkpoint = Some(tokio::task::spawn_blocking(move || {
                     r.flush_sync()?;
-                    for (k, p) in &pages {
-                        r.write_bitmap_pages(*k, p)?;
-                    }
-                    Ok(())
+                    super::write_pages(&r, &pages)
                 }));
             }
             if self.stopping.load(Ordering::Acquire) {

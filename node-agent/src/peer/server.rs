@@ -166,7 +166,6 @@ async fn serve_conn<L: VolumeLookup>(
         send(&writer, id, &reply);
     }
     writer.close();
-    volume.peer_closed(idx);
     result
 }
 
