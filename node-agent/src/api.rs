@@ -60,6 +60,7 @@ pub fn volume_pb(node: &Node, v: &Volume) -> pb::Volume {
                 }
             })
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -148,7 +149,16 @@ impl Agent for AgentService {
             nbd_unix_socket: c.listen.nbd_unix.display().to_string(),
             nbd_tcp_address: c.listen.nbd_tcp.map(|a| a.to_string()).unwrap_or_default(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            ..Default::default()
         }))
+    }
+
+    async fn expand_volume(&self, _: Request<pb::ExpandVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        Err(Status::unimplemented("ExpandVolume"))
+    }
+
+    async fn set_attachment(&self, _: Request<pb::SetAttachmentRequest>) -> Result<Response<pb::Volume>, Status> {
+        Err(Status::unimplemented("SetAttachment"))
     }
 }
 
