@@ -7,6 +7,7 @@ pub mod api;
 pub mod block;
 pub mod config;
 pub mod engine;
+pub mod frontend;
 pub mod fuse;
 pub mod localcluster;
 pub mod nbd;
