@@ -1,12 +1,14 @@
-//! peersan node agent: the replica store, the mirror engine, the peer protocol, the NBD
-//! frontend and the agent API. The binaries `peersan-node-agent` (the daemon), `peersan`
-//! (the CLI and demo) and `peersan-bench` are built on this library.
+//! peersan node agent: the replica store, the mirror engine, the peer protocol, the block
+//! frontends (NBD, FUSE + loop) and the agent API. The binaries `peersan-node-agent` (the
+//! daemon), `peersan` (the CLI and demo) and `peersan-bench` are built on this library.
 
 pub mod agent;
 pub mod api;
 pub mod block;
 pub mod config;
 pub mod engine;
+pub mod frontend;
+pub mod fuse;
 pub mod localcluster;
 pub mod nbd;
 pub mod peer;

@@ -325,3 +325,33 @@ impl Drop for LocalCluster {
 pub fn read_replica_data(path: &Path) -> std::io::Result<Vec<u8>> {
     crate::replica::read_data(path).map_err(std::io::Error::other)
 }
+
+/// Runs the node of a member's configuration file inside this process, on the current
+/// tokio runtime, instead of as a separate agent: it serves the peer protocol on its
+/// configured port and returns once its volumes have tried each peer (as the agent does
+/// before serving I/O). Used where the caller needs the engine's volumes as objects (the
+/// FUSE frontend's tests and benchmark); the other members run as processes.
+pub async fn start_node_in_process(config: &Path) -> std::io::Result<std::sync::Arc<crate::agent::Node>> {
+    let config = crate::config::Config::load(config).map_err(std::io::Error::other)?;
+    let listener = tokio::net::TcpListener::bind(config.listen.peer).await?;
+    let node = crate::agent::Node::new(config).map_err(std::io::Error::other)?;
+    let handshake = std::sync::Arc::new(node.ctx.handshake.clone());
+    tokio::spawn(crate::peer::server::serve(listener, handshake, node.clone()));
+    node.settle().await;
+    Ok(node)
+}
+
+/// Stops a node started by [`start_node_in_process`] as the agent does at shutdown: every
+/// volume flushed, engines stopped, bitmaps written.
+pub async fn stop_node_in_process(node: &crate::agent::Node) {
+    use crate::block::BlockDevice;
+    for v in node.volumes() {
+        if let Err(e) = v.flush().await {
+            tracing::warn!(volume = %v.name(), error = %e, "flush at shutdown failed");
+        }
+    }
+    node.stop();
+    for v in node.volumes() {
+        v.shutdown();
+    }
+}

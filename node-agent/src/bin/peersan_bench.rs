@@ -1,8 +1,12 @@
 //! `peersan-bench`: measures peersan volumes against a local file and an unreplicated
-//! user-space NBD server (qemu-nbd) in the same run, with fio, and prints ratios; its
-//! resync section times replica resynchronisation against the disk and link speed.
+//! user-space NBD server (qemu-nbd) in the same run, with fio, and prints ratios; its fuse
+//! section measures a 2-way volume as a kernel block device through the FUSE + loop
+//! frontend (and the same volume through NBD); its resync section times replica
+//! resynchronisation against the disk and link speed.
 
 mod common;
+#[path = "peersan_bench/fuse.rs"]
+mod fuse;
 #[path = "peersan_bench/resync.rs"]
 mod resync;
 
@@ -30,8 +34,9 @@ struct Args {
     /// Runs of each job (and of each resync measurement); the median is reported.
     #[arg(long, default_value_t = 1, global = true)]
     repeat: usize,
-    /// Setups to run (comma-separated): local, qemu-nbd, 1-way, 2-way, 3-way, resync.
-    #[arg(long, value_delimiter = ',', default_value = "local,qemu-nbd,1-way,2-way,3-way,resync")]
+    /// Setups to run (comma-separated): local, qemu-nbd, 1-way, 2-way, 3-way, fuse, resync.
+    /// `fuse` (needs root) measures setups `fuse-loop` and `nbd` on one 2-way volume.
+    #[arg(long, value_delimiter = ',', default_value = "local,qemu-nbd,1-way,2-way,3-way,fuse,resync")]
     setups: Vec<String>,
     /// Working directory (on the disk to measure); default: a fresh directory in /var/tmp.
     #[arg(long, global = true)]
@@ -39,6 +44,12 @@ struct Args {
     /// Also write the results as JSON.
     #[arg(long, global = true)]
     json: Option<PathBuf>,
+    /// Fuse section: threads reading /dev/fuse.
+    #[arg(long, default_value_t = peersan_node_agent::fuse::FuseConfig::default().threads, global = true)]
+    fuse_threads: usize,
+    /// Fuse section: replicas of the volume (1 measures the frontend without mirroring).
+    #[arg(long, default_value_t = 2, global = true)]
+    fuse_replicas: usize,
     /// Resync section: size of the 2-way volume.
     #[arg(long, default_value = "4GiB", value_parser = peersan_node_agent::config::ByteSize::parse, global = true)]
     resync_size: peersan_node_agent::config::ByteSize,
@@ -307,6 +318,7 @@ fn main() -> anyhow::Result<()> {
                 drop(c);
                 let _ = std::fs::remove_dir_all(&cdir);
             }
+            "fuse" => fuse::run(&dir, &a, &mut results)?,
             "resync" => {
                 let o = resync::Options {
                     size: a.resync_size.0,
@@ -317,7 +329,7 @@ fn main() -> anyhow::Result<()> {
                 };
                 resync_report = Some(resync::run(&dir, &o)?);
             }
-            other => bail!("unknown setup {other:?} (local, qemu-nbd, 1-way, 2-way, 3-way, resync)"),
+            other => bail!("unknown setup {other:?} (local, qemu-nbd, 1-way, 2-way, 3-way, fuse, resync)"),
         }
     }
     if !results.is_empty() {
@@ -403,4 +415,14 @@ fn print_table(results: &[Result_], rss: &BTreeMap<String, u64>) {
         find("qemu-nbd", "1M seqwrite QD8"),
         0.7,
     );
+    // The FUSE + loop frontend: no target yet, the ratios are reported.
+    let ratio = |label: &str, num: Option<f64>, den: Option<f64>| {
+        if let (Some(n), Some(d)) = (num, den.filter(|d| *d > 0.0)) {
+            println!("{label:<52} {:>5.0}%", 100.0 * n / d);
+        }
+    };
+    for w in ["4k randwrite QD32", "4k randread QD32", "1M seqwrite QD8"] {
+        ratio(&format!("fuse-loop 2-way / local, {w}"), find("fuse-loop", w), find("local", w));
+        ratio(&format!("fuse-loop / nbd (same 2-way volume), {w}"), find("fuse-loop", w), find("nbd", w));
+    }
 }
