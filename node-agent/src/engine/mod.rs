@@ -1127,6 +1127,10 @@ impl Volume {
         if self.generation_zero.load(Ordering::Relaxed) {
             self.generation_zero.store(false, Ordering::Relaxed);
             let _ = replica.update_meta(|m| m.generation = m.generation.max(1));
+            // A peer that last heard this replica's state before its first write (a state
+            // sent while that write was in flight) takes it for an empty replica facing a
+            // written one, i.e. outdated: tell it.
+            self.broadcast_state();
         }
         Ok(())
     }
