@@ -32,13 +32,13 @@
 //! 16 GiB volume starts its data at 5 MiB, a 3-way one at 7 MiB), and 1/32768 of four
 //! times the size above that (a 3-way 1 TiB volume: 384 MiB). On a raw device, where it
 //! takes real space, the reservation is capped by the device: a replica never holds more
-//! than its device, and when even that does not fit, the slots are exactly as large as the
-//! volume needs (no growth beyond the next 128 MiB boundary). Growing past `max_size`
-//! would mean moving every bitmap and the data, and is refused with the limit named.
+//! than its device, and when even that does not fit, the slots are as large as the volume
+//! needs, widened to what the rounding to 1 MiB leaves over. Growing past `max_size` would
+//! mean moving every bitmap and the data, and is refused with the limit named.
 //!
 //! Format 2 (replicas written before growth was possible) has no `bitmap_stride` field: its
-//! slots are exactly `bitmap_bytes(size)`; it is read as such and rewritten as format 3 at
-//! the next metadata update.
+//! slots are exactly `bitmap_bytes(size)` (growth up to the next 128 MiB boundary); it is
+//! read as such and rewritten as format 3, with that stride, at the next metadata update.
 //!
 //! ## Local I/O
 //!
