@@ -46,6 +46,8 @@ fn replicas_on_loop_devices() {
     vol.devices = devs.iter().enumerate().map(|(i, d)| (i, d.path.clone().into())).collect();
     let mut c = start_cluster(dir.path(), 2, vec![vol], |_| {});
     c.wait_healthy(0, "vol", Duration::from_secs(20)).unwrap();
+    // Replicas on devices take nothing from the pool.
+    assert_eq!(c.node(0).unwrap().allocated_bytes, 0);
     let mut image = Image::new(size);
     random_writes(&c.members[0].nbd_uri("vol"), &mut image, 150, 81, dir.path());
     assert_same("read through node-2", &read_volume(&c.members[1].nbd_uri("vol"), dir.path()), &image.data);

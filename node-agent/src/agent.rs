@@ -1,9 +1,9 @@
 //! The node agent: opens the pool, runs a mirror engine per volume, and serves the peer
 //! protocol, the NBD frontend and the agent API.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -12,13 +12,15 @@ use crate::config::{Config, MAX_REPLICAS, VolumeConfig, check_name};
 use crate::engine::{NodeCtx, Volume, VolumeSpec};
 use crate::nbd::{ExportInfo, Exports};
 use crate::peer::handshake::HandshakeConfig;
+use crate::peer::proto::ErrorCode;
 use crate::peer::server::VolumeLookup;
-use crate::replica::{BLOCK_SIZE, Replica, ReplicaError};
+use crate::replica::{BLOCK_SIZE, Layout, Replica, ReplicaError};
 
 /// Record of the volumes whose replicas this node created, kept in the pool directory.
 /// It tells a lost replica (recreate it empty and resynchronise in full) from a new one,
-/// and keeps volumes created through the API across restarts.
-#[derive(Debug, Default, Serialize, Deserialize)]
+/// keeps volumes created through the API across restarts, and holds what is recorded per
+/// volume (its size as grown, its attachment).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PoolRecord {
     volumes: BTreeMap<String, RecordedVolume>,
@@ -27,6 +29,7 @@ struct PoolRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 struct RecordedVolume {
+    /// The volume's size: the size it was created with, or grown to.
     size: u64,
     replicas: Vec<String>,
     #[serde(default)]
@@ -34,6 +37,30 @@ struct RecordedVolume {
     /// Created through the API (not declared in the config file).
     #[serde(default)]
     from_api: bool,
+    /// Attachment record (see [`Node::set_attachment`]): the node the volume is attached to
+    /// ("" = none) and the record's sequence number. Absent in records written before it
+    /// existed, and left out while unset, so those records still load everywhere.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    attached_node: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    attachment_seq: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Space of the pool as the API reports it (`GetNode`). Replicas in the pool are counted
+/// at their full size, metadata area included (no overcommit); replicas on devices are
+/// not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSpace {
+    /// Size of the pool's filesystem.
+    pub capacity: u64,
+    /// What the pool's replicas may take.
+    pub allocated: u64,
+    /// `capacity - allocated`, floored at 0, and never more than the filesystem has free.
+    pub free: u64,
 }
 
 const RECORD_FILE: &str = "peersan-volumes.json";
@@ -52,6 +79,15 @@ pub enum AgentError {
     Io { context: String, source: std::io::Error },
     #[error("peer {peer}: {message}")]
     Peer { peer: String, message: String },
+    /// Not enough space (pool, device, or room in the replica's metadata area).
+    #[error("{0}")]
+    OutOfRange(String),
+    /// The request conflicts with one in force or in progress (a retry may succeed).
+    #[error("{0}")]
+    Aborted(String),
+    /// The volume is not in a state that allows the request here.
+    #[error("{0}")]
+    Precondition(String),
 }
 
 /// The volumes of this node, shared by every server of the agent.
@@ -59,7 +95,23 @@ pub struct Node {
     pub config: Config,
     pub ctx: Arc<NodeCtx>,
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
-    record: std::sync::Mutex<PoolRecord>,
+    record: Mutex<PoolRecord>,
+    /// Volumes with a growth or deletion in progress (a second one is refused, not queued).
+    busy: Mutex<BTreeSet<String>>,
+    /// Held from the space check of a new or growing pool replica until it has its space.
+    space: Mutex<()>,
+}
+
+/// Marks a volume busy until dropped (see `Node::busy`).
+struct BusyGuard<'a> {
+    node: &'a Node,
+    name: String,
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.node.busy.lock().unwrap().remove(&self.name);
+    }
 }
 
 impl VolumeLookup for Node {
@@ -67,8 +119,14 @@ impl VolumeLookup for Node {
         self.volumes.read().unwrap().get(name).cloned()
     }
 
-    fn create_volume(&self, name: &str, size: u64, replicas: &[String]) -> Result<(), String> {
-        self.create_local(name, size, replicas).map(|_| ()).map_err(|e| e.to_string())
+    fn create_volume(&self, name: &str, size: u64, replicas: &[String]) -> Result<(), (ErrorCode, String)> {
+        self.create_local(name, size, replicas).map(|_| ()).map_err(|e| {
+            let code = match e {
+                AgentError::OutOfRange(_) => ErrorCode::OutOfRange,
+                _ => ErrorCode::Invalid,
+            };
+            (code, format!("{e}"))
+        })
     }
 
     fn delete_volume(&self, name: &str) -> Result<(), String> {
@@ -97,7 +155,7 @@ impl Exports for Node {
             .values()
             .map(|v| ExportInfo {
                 name: v.name().to_owned(),
-                description: format!("peersan volume, {} bytes", v.spec().size),
+                description: format!("peersan volume, {} bytes", v.size()),
             })
             .collect()
     }
@@ -147,7 +205,9 @@ impl Node {
             config,
             ctx,
             volumes: RwLock::new(BTreeMap::new()),
-            record: std::sync::Mutex::new(record),
+            record: Mutex::new(record),
+            busy: Mutex::new(BTreeSet::new()),
+            space: Mutex::new(()),
         });
         let mut wanted: Vec<(VolumeConfig, bool)> = node.config.volumes.iter().map(|v| (v.clone(), false)).collect();
         for (name, rv) in node.record.lock().unwrap().volumes.iter().filter(|(_, r)| r.from_api) {
@@ -189,39 +249,66 @@ impl Node {
         v.device.clone().unwrap_or_else(|| self.config.pool.path.join(format!("{}.replica", v.name)))
     }
 
+    /// Applies `change` to the record of volume `name` and writes it down (fsync + rename);
+    /// the record in memory changes only once that succeeded. NotFound when the volume
+    /// has no record.
+    fn update_record(&self, name: &str, change: impl FnOnce(&mut RecordedVolume)) -> Result<(), AgentError> {
+        let mut rec = self.record.lock().unwrap();
+        let mut next = rec.clone();
+        let entry = next.volumes.get_mut(name).ok_or_else(|| AgentError::NotFound(name.into()))?;
+        change(entry);
+        self.save_record(&next)?;
+        *rec = next;
+        Ok(())
+    }
+
     /// Opens (or creates) the local replica of `v` and starts its engine.
+    ///
+    /// Size: a volume from the API opens at its recorded size; when its replica is larger
+    /// (a growth was interrupted after the replica grew and before the record did), at the
+    /// replica's size, which is recorded. A volume declared in the configuration file whose
+    /// size there grew is grown at open (offline growth); a smaller size than recorded is a
+    /// conflict (volumes do not shrink).
     fn open_volume(&self, v: &VolumeConfig, from_api: bool) -> Result<Arc<Volume>, AgentError> {
         let path = self.replica_path(v);
-        let size = v.size.0;
+        let mut size = v.size.0;
         let mut replicas = v.replicas.clone();
         replicas.sort();
         let recorded = self.record.lock().unwrap().volumes.get(&v.name).cloned();
-        if let Some(r) = &recorded
-            && (r.size != size || {
-                let mut rr = r.replicas.clone();
-                rr.sort();
-                rr != replicas
-            })
-        {
-            return Err(AgentError::Conflict {
-                name: v.name.clone(),
-                existing: format!("{} bytes on {:?}", r.size, r.replicas),
-            });
+        if let Some(r) = &recorded {
+            let mut rr = r.replicas.clone();
+            rr.sort();
+            if rr != replicas {
+                return Err(AgentError::Conflict {
+                    name: v.name.clone(),
+                    existing: format!("{} bytes on {:?}", r.size, r.replicas),
+                });
+            }
+            if r.size > size {
+                return Err(AgentError::Invalid(format!(
+                    "volume {:?} has {} bytes; it cannot shrink to the {size} bytes configured (volumes only grow)",
+                    v.name, r.size
+                )));
+            }
         }
         let exists = match &v.device {
             // A device holds a replica when its metadata says so. A blank or foreign-looking
             // device is initialised; one that holds another volume's replica is never
             // overwritten.
             Some(_) => match Replica::open(&path, &v.name, size) {
-                Ok(_) => true,
+                Ok(_) | Err(ReplicaError::WrongSize { .. }) => true,
                 Err(ReplicaError::NotAReplica { .. }) => false,
                 Err(e) => return Err(e.into()),
             },
             None => path.exists(),
         };
         let (replica, detail) = if exists {
-            match Replica::open(&path, &v.name, size) {
-                Ok(r) => (Some(Arc::new(r)), String::new()),
+            match self.open_replica(&path, &v.name, size, from_api) {
+                Ok(r) => {
+                    size = r.size();
+                    (Some(Arc::new(r)), String::new())
+                }
+                Err(e @ AgentError::OutOfRange(_)) => return Err(e),
                 Err(e) => {
                     tracing::error!(volume = %v.name, error = %e, "cannot open the local replica; serving from peers");
                     (None, e.to_string())
@@ -237,21 +324,57 @@ impl Node {
             let r = Replica::create(&path, &v.name, size, replicas.len() as u32, !replaced, v.device.is_some())?;
             (Some(Arc::new(r)), String::new())
         };
-        if recorded.is_none() {
-            let mut rec = self.record.lock().unwrap();
-            rec.volumes.insert(
-                v.name.clone(),
-                RecordedVolume { size, replicas: replicas.clone(), device: v.device.clone(), from_api },
-            );
-            self.save_record(&rec)?;
+        match &recorded {
+            None => {
+                let mut rec = self.record.lock().unwrap();
+                let mut next = rec.clone();
+                next.volumes.insert(
+                    v.name.clone(),
+                    RecordedVolume {
+                        size,
+                        replicas: replicas.clone(),
+                        device: v.device.clone(),
+                        from_api,
+                        attached_node: String::new(),
+                        attachment_seq: 0,
+                    },
+                );
+                self.save_record(&next)?;
+                *rec = next;
+            }
+            Some(r) if r.size != size => {
+                tracing::info!(volume = %v.name, from = r.size, to = size, "recording the volume's grown size");
+                self.update_record(&v.name, |r| r.size = size)?;
+            }
+            Some(_) => {}
         }
-        let spec = VolumeSpec { name: v.name.clone(), size, replicas };
-        let volume = Volume::new(spec, self.ctx.clone(), replica, detail, |name| {
+        let spec = VolumeSpec { name: v.name.clone(), replicas };
+        let volume = Volume::new(spec, size, self.ctx.clone(), replica, detail, |name| {
             self.config.peer_address(name).map(str::to_owned)
         });
         volume.start();
         self.volumes.write().unwrap().insert(v.name.clone(), volume.clone());
         Ok(volume)
+    }
+
+    /// Opens an existing replica of a volume of `size` bytes: one that is smaller is grown
+    /// to `size` (its growth was recorded, or configured, and not finished); one that is
+    /// larger is taken at its size for a volume from the API (its growth finished and was
+    /// not yet recorded). A growth the replica cannot take is `OutOfRange`.
+    fn open_replica(&self, path: &Path, name: &str, size: u64, from_api: bool) -> Result<Replica, AgentError> {
+        match Replica::open(path, name, size) {
+            Err(ReplicaError::WrongSize { found, .. }) if found < size => {
+                let r = Replica::open(path, name, found)?;
+                tracing::info!(volume = %name, from = found, to = size, "growing the local replica");
+                r.grow(size).map_err(grow_error)?;
+                Ok(r)
+            }
+            Err(ReplicaError::WrongSize { found, .. }) if from_api => {
+                tracing::info!(volume = %name, recorded = size, replica = found, "the replica grew and the record did not; taking the replica's size");
+                Ok(Replica::open(path, name, found)?)
+            }
+            other => Ok(other?),
+        }
     }
 
     pub fn volumes(&self) -> Vec<Arc<Volume>> {
@@ -302,26 +425,194 @@ impl Node {
         if !sorted.contains(&self.ctx.name) {
             return Err(AgentError::Invalid(format!("replicas: this node ({}) is not among them", self.ctx.name)));
         }
+        // Held until the replica exists: two requests for the same volume (or for the last
+        // free space) do not both pass the checks.
+        let _space = self.space.lock().unwrap();
         if let Some(v) = self.get(name) {
-            if v.spec().size == size && v.spec().replicas == sorted {
+            if v.size() == size && v.spec().replicas == sorted {
                 return Ok(v);
             }
             return Err(AgentError::Conflict {
                 name: name.into(),
-                existing: format!("{} bytes on {:?}", v.spec().size, v.spec().replicas),
+                existing: format!("{} bytes on {:?}", v.size(), v.spec().replicas),
             });
+        }
+        let footprint = Layout::for_new(size, sorted.len() as u32, None)
+            .and_then(|l| l.data_offset.checked_add(size))
+            .ok_or_else(|| {
+                AgentError::OutOfRange(format!(
+                    "size_bytes: {size} is too large for a replica on node {}",
+                    self.ctx.name
+                ))
+            })?;
+        let space = self.pool_space()?;
+        if footprint > space.free {
+            return Err(AgentError::OutOfRange(format!(
+                "node {} lacks the space for a replica of {size} bytes: its pool {} has {} bytes free, the replica takes {footprint} with its metadata area",
+                self.ctx.name,
+                self.config.pool.path.display(),
+                space.free
+            )));
         }
         let v = VolumeConfig { name: name.into(), size: crate::config::ByteSize(size), replicas: sorted, device: None };
         self.open_volume(&v, true)
     }
 
-    /// Deletes the local replica of a volume created through the API.
+    /// Space of the pool: its filesystem (`statvfs`) and the full size of the replicas in it
+    /// (the length of each replica file: its metadata area and data; an estimate for one
+    /// that is missing and will be recreated).
+    pub fn pool_space(&self) -> Result<PoolSpace, AgentError> {
+        let pool = &self.config.pool.path;
+        let st = rustix::fs::statvfs(pool)
+            .map_err(|e| AgentError::Io { context: format!("pool.path {}", pool.display()), source: e.into() })?;
+        let capacity = st.f_blocks.saturating_mul(st.f_frsize);
+        let fs_free = st.f_bavail.saturating_mul(st.f_frsize);
+        let allocated = self
+            .record
+            .lock()
+            .unwrap()
+            .volumes
+            .iter()
+            .filter(|(_, r)| r.device.is_none())
+            .map(|(name, r)| {
+                let path = pool.join(format!("{name}.replica"));
+                std::fs::metadata(&path).map(|m| m.len()).unwrap_or_else(|_| {
+                    Layout::for_new(r.size, r.replicas.len() as u32, None)
+                        .map_or(r.size, |l| l.data_offset.saturating_add(r.size))
+                })
+            })
+            .fold(0u64, u64::saturating_add);
+        Ok(PoolSpace { capacity, allocated, free: capacity.saturating_sub(allocated).min(fs_free) })
+    }
+
+    /// Marks `name` busy for the life of the guard; `Aborted` when it is already.
+    fn begin(&self, name: &str, what: &str) -> Result<BusyGuard<'_>, AgentError> {
+        if !self.busy.lock().unwrap().insert(name.to_owned()) {
+            return Err(AgentError::Aborted(format!(
+                "volume {name:?}: another growth or deletion is in progress; {what} again when it is done"
+            )));
+        }
+        Ok(BusyGuard { node: self, name: name.to_owned() })
+    }
+
+    /// Grows this node's replica of a volume created through the API to `size` bytes,
+    /// online (the local part of the API's ExpandVolume; every replica node is asked in
+    /// turn by the caller). In order, each step durable before the next: the replica file
+    /// (or device range) and its metadata; the pool record; then the engine, so reads and
+    /// writes up to the new end work at once, and peers learn the size from this node's
+    /// state. Idempotent: a volume already of that size succeeds, and a call interrupted
+    /// after any step completes the rest when repeated.
+    ///
+    /// Invalid: a size that is smaller, zero or not a multiple of 4096, or a volume declared
+    /// in the configuration file. OutOfRange: more than the replica's metadata area (or its
+    /// device) can take (the message names the largest size), or more than the pool has
+    /// free. Precondition: this node has no working replica of the volume. Aborted: another
+    /// growth or deletion of the volume is in progress.
+    ///
+    /// Blocking (file and device I/O): call it from a blocking thread.
+    pub fn expand_local(&self, name: &str, size: u64) -> Result<Arc<Volume>, AgentError> {
+        let v = self.get(name).ok_or_else(|| AgentError::NotFound(name.into()))?;
+        if self.config.volumes.iter().any(|c| c.name == name) {
+            return Err(AgentError::Invalid(format!(
+                "volume {name:?} is declared in the configuration file; change its size there and restart the agent"
+            )));
+        }
+        if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
+            return Err(AgentError::Invalid(format!("size_bytes: {size} is not a positive multiple of {BLOCK_SIZE}")));
+        }
+        let _busy = self.begin(name, "expand")?;
+        let current = v.size();
+        if size < current {
+            return Err(AgentError::Invalid(format!(
+                "volume {name:?} has {current} bytes; it cannot shrink to {size} (volumes only grow)"
+            )));
+        }
+        if size == current {
+            return Ok(v);
+        }
+        let replica = v.replica_to_grow().map_err(AgentError::Precondition)?;
+        let (max, why) = replica.max_size()?;
+        if size > max {
+            return Err(AgentError::OutOfRange(format!(
+                "volume {name:?}: the replica on {} can grow to at most {max} bytes ({}), the limit of {why}; {size} bytes asked",
+                self.ctx.name,
+                human_bytes(max)
+            )));
+        }
+        if replica.is_device() {
+            replica.grow(size).map_err(grow_error)?;
+        } else {
+            let _space = self.space.lock().unwrap();
+            let more = size - replica.size();
+            let free = self.pool_space()?.free;
+            if more > free {
+                return Err(AgentError::OutOfRange(format!(
+                    "node {} lacks the space to grow volume {name:?} to {size} bytes: its pool {} has {free} bytes free, the growth takes {more}",
+                    self.ctx.name,
+                    self.config.pool.path.display()
+                )));
+            }
+            replica.grow(size).map_err(grow_error)?;
+        }
+        self.update_record(name, |r| r.size = size)?;
+        v.grow(size);
+        tracing::info!(volume = %name, from = current, to = size, "volume expanded on this node");
+        Ok(v)
+    }
+
+    /// Records which node volume `name` is attached to (the API's SetAttachment): a record
+    /// with a higher `seq` replaces the one in force; the same `seq` and node again is
+    /// accepted (idempotent); the same `seq` with another node is `Aborted`; a lower `seq`
+    /// changes nothing and is not an error. Durable (the pool record is written with fsync
+    /// and rename) before it returns. Returns the record now in force.
+    pub fn set_attachment(&self, name: &str, node: &str, seq: u64) -> Result<(String, u64), AgentError> {
+        if self.get(name).is_none() {
+            return Err(AgentError::NotFound(name.into()));
+        }
+        if node.len() > 253 || node.chars().any(char::is_control) {
+            return Err(AgentError::Invalid(format!(
+                "node: {node:?} is not a node name (at most 253 characters, no control characters)"
+            )));
+        }
+        let mut rec = self.record.lock().unwrap();
+        let r = rec.volumes.get(name).ok_or_else(|| AgentError::NotFound(name.into()))?;
+        let current = (r.attached_node.clone(), r.attachment_seq);
+        match seq.cmp(&current.1) {
+            std::cmp::Ordering::Less => return Ok(current),
+            std::cmp::Ordering::Equal if current.0 == node => return Ok(current),
+            std::cmp::Ordering::Equal => {
+                return Err(AgentError::Aborted(format!(
+                    "volume {name:?}: attachment {seq} already records node {:?}; a new record needs a higher seq",
+                    current.0
+                )));
+            }
+            std::cmp::Ordering::Greater => {}
+        }
+        let mut next = rec.clone();
+        if let Some(r) = next.volumes.get_mut(name) {
+            r.attached_node = node.to_owned();
+            r.attachment_seq = seq;
+        }
+        self.save_record(&next)?;
+        *rec = next;
+        tracing::info!(volume = %name, %node, seq, "attachment recorded");
+        Ok((node.to_owned(), seq))
+    }
+
+    /// The attachment record of a volume: (node, seq); None when it has no record.
+    pub fn attachment(&self, name: &str) -> Option<(String, u64)> {
+        self.record.lock().unwrap().volumes.get(name).map(|r| (r.attached_node.clone(), r.attachment_seq))
+    }
+
+    /// Deletes the local replica of a volume created through the API, and its record
+    /// (attachment included).
     pub fn delete_local(&self, name: &str) -> Result<(), AgentError> {
         if self.config.volumes.iter().any(|v| v.name == name) {
             return Err(AgentError::Invalid(format!(
                 "volume {name:?} is declared in the configuration file; remove it there"
             )));
         }
+        let _busy = self.begin(name, "delete")?;
         let Some(v) = self.volumes.write().unwrap().remove(name) else {
             return Err(AgentError::NotFound(name.into()));
         };
@@ -346,5 +637,46 @@ impl Node {
         for v in self.volumes() {
             v.stop();
         }
+    }
+}
+
+/// A replica's refusal to grow, as an agent error: beyond what it can take is OutOfRange.
+fn grow_error(e: ReplicaError) -> AgentError {
+    match e {
+        ReplicaError::CannotGrow { .. } => AgentError::OutOfRange(e.to_string()),
+        ReplicaError::Invalid(m) => AgentError::Invalid(m),
+        e => e.into(),
+    }
+}
+
+/// `17179869184` → `16.0 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[i]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_without_attachments_load_and_unset_ones_are_not_written() {
+        let old = r#"{"volumes":{"v":{"size":4096,"replicas":["a","b"],"device":null,"from_api":true}}}"#;
+        let rec: PoolRecord = serde_json::from_str(old).unwrap();
+        let v = &rec.volumes["v"];
+        assert_eq!((v.attached_node.as_str(), v.attachment_seq), ("", 0));
+        let text = serde_json::to_string(&rec).unwrap();
+        assert!(!text.contains("attach"), "{text}");
+        let mut rec = rec;
+        rec.volumes.get_mut("v").unwrap().attached_node = "node-b".into();
+        rec.volumes.get_mut("v").unwrap().attachment_seq = 7;
+        let back: PoolRecord = serde_json::from_str(&serde_json::to_string(&rec).unwrap()).unwrap();
+        assert_eq!(back.volumes["v"], rec.volumes["v"]);
     }
 }

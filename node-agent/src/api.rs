@@ -21,6 +21,9 @@ fn status(e: AgentError) -> Status {
         AgentError::NotFound(_) => Status::not_found(e.to_string()),
         AgentError::Conflict { .. } => Status::already_exists(e.to_string()),
         AgentError::Peer { .. } => Status::unavailable(e.to_string()),
+        AgentError::OutOfRange(_) => Status::out_of_range(e.to_string()),
+        AgentError::Aborted(_) => Status::aborted(e.to_string()),
+        AgentError::Precondition(_) => Status::failed_precondition(e.to_string()),
         AgentError::Replica(_) | AgentError::Io { .. } => Status::internal(e.to_string()),
     }
 }
@@ -29,9 +32,12 @@ pub fn volume_pb(node: &Node, v: &Volume) -> pb::Volume {
     let progress = v.resync_progress();
     let prio = v.priority();
     let nbd_uri = format!("nbd+unix:///{}?socket={}", v.name(), node.config.listen.nbd_unix.display());
+    let (attached_node, attachment_seq) = node.attachment(v.name()).unwrap_or_default();
     pb::Volume {
         name: v.name().to_owned(),
-        size_bytes: v.spec().size,
+        size_bytes: v.size(),
+        attached_node,
+        attachment_seq,
         health: v.health().to_owned(),
         nbd_uri,
         epoch: prio.epoch,
@@ -60,7 +66,6 @@ pub fn volume_pb(node: &Node, v: &Volume) -> pb::Volume {
                 }
             })
             .collect(),
-        ..Default::default()
     }
 }
 
@@ -74,7 +79,15 @@ impl Agent for AgentService {
         let r = req.into_inner();
         tracing::info!(volume = %r.name, size = r.size_bytes, replicas = ?r.replicas, "CreateVolume");
         let v = self.node.create_local(&r.name, r.size_bytes, &r.replicas).map_err(status)?;
-        crate::peer::control::create_on_peers(&self.node, &v).await.map_err(status)?;
+        if let Err(e) = crate::peer::control::create_on_peers(&self.node, &v).await {
+            // The replicas created so far stay; say how to remove them.
+            let partly = |m: String| format!("{m}; volume {:?} now exists in part: DeleteVolume removes it", r.name);
+            let e = match e {
+                AgentError::OutOfRange(m) => AgentError::OutOfRange(partly(m)),
+                e => e,
+            };
+            return Err(status(e));
+        }
         // The volume is ready when this node mirrors to every replica.
         let missing = v.wait_connected(self.node.config.timeouts.connect * 2).await;
         if !missing.is_empty() {
@@ -143,22 +156,37 @@ impl Agent for AgentService {
 
     async fn get_node(&self, _: Request<pb::GetNodeRequest>) -> Result<Response<pb::Node>, Status> {
         let c = &self.node.config;
+        let space = self.node.pool_space().map_err(status)?;
         Ok(Response::new(pb::Node {
             name: c.node.name.clone(),
             peer_address: c.listen.peer.to_string(),
             nbd_unix_socket: c.listen.nbd_unix.display().to_string(),
             nbd_tcp_address: c.listen.nbd_tcp.map(|a| a.to_string()).unwrap_or_default(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            ..Default::default()
+            capacity_bytes: space.capacity,
+            allocated_bytes: space.allocated,
+            free_bytes: space.free,
         }))
     }
 
-    async fn expand_volume(&self, _: Request<pb::ExpandVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
-        Err(Status::unimplemented("ExpandVolume"))
+    async fn expand_volume(&self, req: Request<pb::ExpandVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        tracing::info!(volume = %r.name, size = r.size_bytes, "ExpandVolume");
+        let node = self.node.clone();
+        let name = r.name.clone();
+        let v = tokio::task::spawn_blocking(move || node.expand_local(&name, r.size_bytes))
+            .await
+            .map_err(|e| Status::internal(format!("expanding volume {}: {e}", r.name)))?
+            .map_err(status)?;
+        Ok(Response::new(volume_pb(&self.node, &v)))
     }
 
-    async fn set_attachment(&self, _: Request<pb::SetAttachmentRequest>) -> Result<Response<pb::Volume>, Status> {
-        Err(Status::unimplemented("SetAttachment"))
+    async fn set_attachment(&self, req: Request<pb::SetAttachmentRequest>) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        tracing::info!(volume = %r.name, node = %r.node, seq = r.seq, "SetAttachment");
+        self.node.set_attachment(&r.name, &r.node, r.seq).map_err(status)?;
+        let v = self.node.get(&r.name).ok_or_else(|| status(AgentError::NotFound(r.name.clone())))?;
+        Ok(Response::new(volume_pb(&self.node, &v)))
     }
 }
 

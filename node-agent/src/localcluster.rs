@@ -258,12 +258,45 @@ impl LocalCluster {
         F: FnOnce(pb::agent_client::AgentClient<tonic::transport::Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        self.call(i, f).map_err(|e| e.message().to_owned())
+    }
+
+    /// Like [`LocalCluster::api`], keeping the gRPC status of a failure (its code).
+    pub fn call<T, F, Fut>(&self, i: usize, f: F) -> Result<T, tonic::Status>
+    where
+        F: FnOnce(pb::agent_client::AgentClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| tonic::Status::internal(e.to_string()))?;
         let path = self.members[i].api_socket();
         rt.block_on(async move {
-            let client = crate::api::connect(&path).await.map_err(|e| e.to_string())?;
-            f(client).await.map_err(|e| e.message().to_owned())
+            let client = crate::api::connect(&path).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            f(client).await
         })
+    }
+
+    /// Creates `volume` through member `i`'s API with replicas on the members `nodes`.
+    pub fn create(&self, i: usize, volume: &str, size: u64, nodes: &[usize]) -> Result<pb::Volume, tonic::Status> {
+        let req = pb::CreateVolumeRequest {
+            name: volume.to_owned(),
+            size_bytes: size,
+            replicas: nodes.iter().map(|&k| self.members[k].name.clone()).collect(),
+        };
+        self.call(i, |mut c| async move { c.create_volume(req).await.map(|r| r.into_inner()) })
+    }
+
+    /// Grows member `i`'s replica of `volume` to `size` bytes (ExpandVolume).
+    pub fn expand(&self, i: usize, volume: &str, size: u64) -> Result<pb::Volume, tonic::Status> {
+        let req = pb::ExpandVolumeRequest { name: volume.to_owned(), size_bytes: size };
+        self.call(i, |mut c| async move { c.expand_volume(req).await.map(|r| r.into_inner()) })
+    }
+
+    /// Member `i`'s identity and pool space (GetNode).
+    pub fn node(&self, i: usize) -> Result<pb::Node, tonic::Status> {
+        self.call(i, |mut c| async move { c.get_node(pb::GetNodeRequest {}).await.map(|r| r.into_inner()) })
     }
 
     pub fn volume(&self, i: usize, name: &str) -> Result<pb::Volume, String> {

@@ -58,6 +58,16 @@ enum VolumeCmd {
     },
     /// Delete a volume and its replicas.
     Delete { name: String },
+    /// Grow this node's replica of a volume to SIZE, online (volumes created through the
+    /// API only). Each replica node grows its own replica: run this against every replica
+    /// node's agent (`--socket`); until all have grown, writes past the old end are marked
+    /// for the replicas still smaller, which catch up once grown. Repeating it is harmless.
+    Expand {
+        name: String,
+        /// New size, e.g. 2GiB: a multiple of 4096, not smaller than the current size.
+        #[arg(value_parser = ByteSize::parse)]
+        size: ByteSize,
+    },
     /// Give this node write priority for the volume (a new fencing epoch); the previous
     /// writer's writes are refused from then on.
     Promote { name: String },
@@ -95,6 +105,12 @@ async fn client(socket: &Path, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Node => {
             let n = c.get_node(pb::GetNodeRequest {}).await.map_err(status)?.into_inner();
             println!("node {}  version {}\npeer {}\nnbd  {}", n.name, n.version, n.peer_address, n.nbd_unix_socket);
+            println!(
+                "pool {} capacity, {} allocated, {} free",
+                human(n.capacity_bytes),
+                human(n.allocated_bytes),
+                human(n.free_bytes)
+            );
         }
         Cmd::Volume(VolumeCmd::List) => {
             let vols = c.list_volumes(pb::ListVolumesRequest {}).await.map_err(status)?.into_inner().volumes;
@@ -116,6 +132,23 @@ async fn client(socket: &Path, cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Volume(VolumeCmd::Delete { name }) => {
             c.delete_volume(pb::DeleteVolumeRequest { name: name.clone() }).await.map_err(status)?;
             println!("volume {name} deleted");
+        }
+        Cmd::Volume(VolumeCmd::Expand { name, size }) => {
+            let v = c
+                .expand_volume(pb::ExpandVolumeRequest { name: name.clone(), size_bytes: size.0 })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print!("{}", volume_table(std::slice::from_ref(&v)));
+            let others: Vec<&str> = v.replicas.iter().filter(|r| !r.local).map(|r| r.node.as_str()).collect();
+            if !others.is_empty() {
+                println!(
+                    "this node's replica has {} bytes; grow the replicas on {} too: peersan --socket <their agent's socket> volume expand {name} {}",
+                    v.size_bytes,
+                    others.join(", "),
+                    size.0
+                );
+            }
         }
         Cmd::Volume(VolumeCmd::Promote { name }) => {
             let v = c.promote(pb::PromoteRequest { name }).await.map_err(status)?.into_inner();
@@ -162,14 +195,7 @@ async fn client(socket: &Path, cmd: Cmd) -> anyhow::Result<()> {
 }
 
 fn human(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
+    peersan_node_agent::agent::human_bytes(n)
 }
 
 /// `[#####-----] 42% 1.2 GiB of 2.9 GiB at 110 MiB/s, ETA 15 s` for the replica being

@@ -52,6 +52,22 @@ impl Bitmap {
         self.blocks
     }
 
+    /// Extends the bitmap to a volume of `size` bytes (a volume that grew). The new blocks
+    /// are clear and their pages are not dirty: on disk they are zero already (see
+    /// `Replica::grow`). A `size` not larger than the current one changes nothing.
+    pub fn grow(&mut self, size: u64) {
+        let blocks = size.div_ceil(BLOCK_SIZE);
+        if blocks <= self.blocks {
+            return;
+        }
+        let pages = blocks.div_ceil(BLOCKS_PER_PAGE) as usize;
+        // Bits past the old last block are clear (every update is clamped to `blocks`), so
+        // the blocks that join in the last word start clear too.
+        self.words.resize(pages * WORDS_PER_PAGE, 0);
+        self.dirty.resize(pages, false);
+        self.blocks = blocks;
+    }
+
     /// Number of set bits.
     pub fn count(&self) -> u64 {
         self.set
@@ -271,6 +287,33 @@ mod tests {
         let c = Bitmap::from_bytes(10 * 4096, &[0xff; PAGE_BYTES]);
         assert_eq!(c.count(), 10);
         assert!(!c.has_dirty_pages());
+    }
+
+    #[test]
+    fn grow_keeps_bits_and_adds_clear_blocks() {
+        // 10 blocks, then 300 (same page), then 3 pages' worth.
+        let mut b = Bitmap::new(10 * 4096);
+        b.set_blocks(0, 10);
+        b.take_dirty_pages();
+        b.grow(300 * 4096);
+        assert_eq!((b.blocks(), b.count(), b.len_bytes()), (300, 10, PAGE_BYTES));
+        assert!(!b.contains(10) && !b.has_dirty_pages());
+        assert_eq!(b.next_run(0, 1000), Some((0, 10)));
+        // The new blocks can be set, up to the new end and no further.
+        b.set_blocks(290, 400);
+        assert_eq!(b.count(), 20);
+        b.grow(BLOCKS_PER_PAGE * 4096 * 2 + 4096);
+        assert_eq!(b.len_bytes(), 3 * PAGE_BYTES);
+        assert_eq!(b.count(), 20);
+        b.set_all();
+        assert_eq!(b.count(), BLOCKS_PER_PAGE * 2 + 1);
+        assert_eq!(b.take_dirty_pages(), vec![0, 1, 2]);
+        // Shrinking is not a thing: a smaller size changes nothing.
+        b.grow(4096);
+        assert_eq!(b.blocks(), BLOCKS_PER_PAGE * 2 + 1);
+        // A grown bitmap round-trips through its bytes like a new one of that size.
+        let c = Bitmap::from_bytes(BLOCKS_PER_PAGE * 4096 * 2 + 4096, &b.bytes(0, b.len_bytes()));
+        assert_eq!(c.count(), b.count());
     }
 
     proptest! {

@@ -27,6 +27,15 @@
 //!   record of it;
 //! - the operator resolves a split brain by discarding one side's changes
 //!   ([`Volume::discard_changes`]).
+//!
+//! Size: a volume grows online ([`Volume::grow`]), one replica at a time (each node's API
+//! grows its own). Replicas of different sizes stay connected and mirror what both hold; a
+//! write reaching past a peer's end (as that peer last announced it) is not sent to it, so
+//! it is recorded as missed by every replica that executes it, like a write to a
+//! disconnected peer; a peer that still receives one refuses it (`OutOfRange`) and is
+//! dropped and recorded the same way. Reads go only to peers that hold the range, and a
+//! replica resynchronises only from a peer of its own size: one that lacks writes past its
+//! end waits, outdated, until it has grown too.
 
 pub mod al;
 pub mod bitmap;
@@ -34,7 +43,7 @@ pub mod ranges;
 mod resync;
 pub mod state;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,12 +85,12 @@ pub struct NodeCtx {
     pub resync_rate: u64,
 }
 
-/// A volume's identity: name, size and its replicas' nodes (sorted; the index in this list
-/// is the replica's bit in the masks of write frames and the index of its bitmap).
+/// A volume's identity: name and its replicas' nodes (sorted; the index in this list is the
+/// replica's bit in the masks of write frames and the index of its bitmap). The size is not
+/// part of it: it grows ([`Volume::size`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeSpec {
     pub name: String,
-    pub size: u64,
     pub replicas: Vec<String>,
 }
 
@@ -151,6 +160,8 @@ struct Target {
     idx: usize,
     conn: Arc<PeerConn>,
     in_sync: bool,
+    /// The peer's size as it last announced it (`u64::MAX` before it did).
+    size: u64,
 }
 
 /// The write-like operations.
@@ -195,6 +206,10 @@ struct Outcome {
 /// The mirror engine of one volume on this node.
 pub struct Volume {
     spec: VolumeSpec,
+    /// Size in bytes. Grows (never shrinks) while requests run: a request's range is checked
+    /// against the value loaded when it arrives; the bitmaps cover the new blocks before
+    /// the new value is stored.
+    size: AtomicU64,
     me: usize,
     /// Bitmask of every replica index but this node's.
     all_peers: u32,
@@ -221,6 +236,15 @@ pub struct Volume {
     generation_zero: AtomicBool,
 }
 
+const SIZE_NOTE: &str = "sizes differ:";
+
+/// The detail of a link to a peer of another size.
+fn size_note(mine: u64, theirs: u64) -> String {
+    format!(
+        "{SIZE_NOTE} {theirs} bytes there, {mine} here; writes past the smaller end are marked for it until it is grown"
+    )
+}
+
 fn io_error(msg: impl Into<String>) -> BlockError {
     BlockError::new(BlockErrorKind::Io, msg)
 }
@@ -241,14 +265,16 @@ fn write_pages(replica: &Replica, pages: &BitmapPages) -> std::io::Result<()> {
 const EXTENT_BLOCKS: u64 = al::AL_EXTENT / BLOCK_SIZE;
 
 impl Volume {
-    /// Creates the engine. `replica` is the local replica (None when it is missing or its
-    /// disk failed); `addresses` gives each peer's address (None for this node).
+    /// Creates the engine of a volume of `size` bytes. `replica` is the local replica (None
+    /// when it is missing or its disk failed); `addresses` gives each peer's address (None
+    /// for this node).
     ///
     /// Loads the bitmaps; after an unclean shutdown, replays the activity log (its extents
     /// become out of sync against every peer); a replica created to replace a lost one is
     /// marked as lacking every block.
     pub fn new(
         spec: VolumeSpec,
+        size: u64,
         ctx: Arc<NodeCtx>,
         replica: Option<Arc<Replica>>,
         replica_detail: String,
@@ -278,12 +304,12 @@ impl Volume {
                 })
             })
             .collect();
-        let mut bitmaps: Vec<Bitmap> = (0..n).map(|_| Bitmap::new(spec.size)).collect();
+        let mut bitmaps: Vec<Bitmap> = (0..n).map(|_| Bitmap::new(size)).collect();
         let mut replica = replica;
         let mut detail = replica_detail;
         let mut priority = Priority { epoch: 0, holder: spec.replicas[0].clone() };
         if let Some(r) = replica.clone() {
-            match Self::load_replica(&spec, me, &r, &mut bitmaps) {
+            match Self::load_replica(&spec, size, me, &r, &mut bitmaps) {
                 Ok(()) => {
                     let m = r.meta();
                     if !m.holder.is_empty() {
@@ -321,6 +347,7 @@ impl Volume {
             next_read: AtomicUsize::new(0),
             generation_zero: AtomicBool::new(gen0),
             all_peers: (((1u64 << n) - 1) as u32) & !(1 << me),
+            size: AtomicU64::new(size),
             spec,
             me,
             ctx,
@@ -329,13 +356,14 @@ impl Volume {
 
     fn load_replica(
         spec: &VolumeSpec,
+        size: u64,
         me: usize,
         r: &Replica,
         bitmaps: &mut [Bitmap],
     ) -> Result<(), crate::replica::ReplicaError> {
         let io = |e: std::io::Error| crate::replica::ReplicaError::Io { path: r.path().to_owned(), source: e };
         for (k, b) in bitmaps.iter_mut().enumerate() {
-            *b = Bitmap::from_bytes(spec.size, &r.read_bitmap(k as u32).map_err(io)?);
+            *b = Bitmap::from_bytes(size, &r.read_bitmap(k as u32).map_err(io)?);
         }
         let m = r.meta();
         if m.needs_full {
@@ -375,6 +403,63 @@ impl Volume {
 
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// The volume's size in bytes (see [`Volume::grow`]).
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The local replica, to grow it before the volume grows ([`Volume::grow`]). Refused
+    /// (with the reason) when this node has no working replica of the volume.
+    pub fn replica_to_grow(&self) -> Result<Arc<Replica>, String> {
+        let l = self.local.lock().unwrap();
+        match (&l.replica, l.state) {
+            (Some(_), ReplicaState::Diskless) | (None, _) => Err(format!(
+                "{} has no working replica of volume {} ({}); it cannot grow here",
+                self.ctx.name,
+                self.spec.name,
+                if l.detail.is_empty() { "diskless" } else { &l.detail }
+            )),
+            (Some(r), _) => Ok(r.clone()),
+        }
+    }
+
+    /// Makes the volume `size` bytes large, live, after the local replica has grown to it
+    /// durably. Requests in flight are within the old size and unaffected; the bitmaps
+    /// cover the new blocks (clear: the new range is zeros on every replica, and what a
+    /// replica misses there is marked as usual) before a request can reach them. Peers
+    /// learn the new size from this node's state. A size not larger changes nothing.
+    pub fn grow(&self, size: u64) {
+        {
+            let mut b = self.bitmaps.lock().unwrap();
+            if size <= self.size() {
+                return;
+            }
+            for bm in b.iter_mut() {
+                bm.grow(size);
+            }
+            self.size.store(size, Ordering::Release);
+        }
+        tracing::info!(volume = %self.spec.name, size, "volume grown");
+        self.refresh_size_details();
+        self.broadcast_state();
+        self.changed.notify_waiters();
+    }
+
+    /// Says on each link whose peer has another size which replica still has to grow.
+    fn refresh_size_details(&self) {
+        let mine = self.size();
+        for link in self.links.iter().flatten() {
+            let mut li = link.inner.lock().unwrap();
+            let theirs = li.theirs.as_ref().map(|t| t.size);
+            let note = theirs.filter(|t| *t != mine && li.conn.is_some()).map(|t| size_note(mine, t));
+            if let Some(note) = note {
+                li.detail = note;
+            } else if li.detail.starts_with(SIZE_NOTE) {
+                li.detail.clear();
+            }
+        }
     }
 
     /// Starts the connection managers of every peer and the resync task.
@@ -474,7 +559,7 @@ impl Volume {
                 ReplicaStateMsg {
                     consistent: m.consistent,
                     generation: m.generation,
-                    size: self.spec.size,
+                    size: self.size(),
                     outdated_peers: m.outdated_peers,
                     local_ok: true,
                     epoch: prio.epoch,
@@ -486,7 +571,7 @@ impl Volume {
             _ => ReplicaStateMsg {
                 consistent: false,
                 generation: 0,
-                size: self.spec.size,
+                size: self.size(),
                 outdated_peers: vec![],
                 local_ok: false,
                 epoch: prio.epoch,
@@ -782,11 +867,13 @@ impl Volume {
                     tracing::info!(volume = %self.spec.name, peer = %link.name, from = %li.state, to = %d.peer, "replica state");
                 }
                 li.state = d.peer;
+                let size = li.theirs.as_ref().map_or(0, |t| t.size);
                 li.detail = match d.peer {
                     ReplicaState::SplitBrain => {
                         "both replicas accepted writes the other missed; not merged (resolve: peersan volume resolve)"
                             .into()
                     }
+                    _ if size != self.size() => size_note(self.size(), size),
                     _ => String::new(),
                 };
             }
@@ -975,7 +1062,7 @@ impl Volume {
                     if li.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
                         li.conn = None;
                         li.state = ReplicaState::Disconnected;
-                        if li.detail.is_empty() {
+                        if li.detail.is_empty() || li.detail.starts_with(SIZE_NOTE) {
                             li.detail = "connection closed".into();
                         }
                     }
@@ -1040,6 +1127,10 @@ impl Volume {
         if self.generation_zero.load(Ordering::Relaxed) {
             self.generation_zero.store(false, Ordering::Relaxed);
             let _ = replica.update_meta(|m| m.generation = m.generation.max(1));
+            // A peer that last heard this replica's state before its first write (a state
+            // sent while that write was in flight) takes it for an empty replica facing a
+            // written one, i.e. outdated: tell it.
+            self.broadcast_state();
         }
         Ok(())
     }
@@ -1090,7 +1181,8 @@ impl Volume {
             .filter_map(|(idx, l)| {
                 let li = l.as_ref()?.inner.lock().unwrap();
                 let conn = li.conn.clone().filter(|_| li.state.receives_writes())?;
-                Some(Target { idx, conn, in_sync: li.state == ReplicaState::InSync })
+                let size = li.theirs.as_ref().map_or(u64::MAX, |t| t.size);
+                Some(Target { idx, conn, in_sync: li.state == ReplicaState::InSync, size })
             })
             .collect();
         (local, peers)
@@ -1172,13 +1264,16 @@ impl Volume {
     /// A write-like operation received by a frontend of this node.
     async fn submit(&self, op: Op) -> BlockResult<()> {
         let (offset, len) = op.range();
-        check_range(offset, len, self.spec.size)?;
+        check_range(offset, len, self.size())?;
         self.write_epoch()?;
         let _guard = self.write_locks.lock(offset, len).await;
         // Again under the lock: priority may have moved while this write waited.
         let epoch = self.write_epoch()?;
 
-        let (local, targets) = self.write_targets();
+        let (local, mut targets) = self.write_targets();
+        // A peer that has not grown as far as this write reaches misses it, and is recorded
+        // as having missed it (below), like a disconnected one.
+        targets.retain(|t| t.size >= offset + len);
         let mut sent = 0u32;
         let mut insync = 0u32;
         if let Some((_, s)) = &local {
@@ -1219,7 +1314,7 @@ impl Volume {
     }
 
     async fn do_read(&self, offset: u64, len: u32) -> BlockResult<Bytes> {
-        check_range(offset, u64::from(len), self.spec.size)?;
+        check_range(offset, u64::from(len), self.size())?;
         if let Some((r, ReplicaState::InSync)) = self.local_replica() {
             match r.read(offset, len as usize).await {
                 Ok(b) => return Ok(b),
@@ -1233,8 +1328,9 @@ impl Volume {
             let Some(link) = self.link(idx) else { continue };
             let conn = {
                 let li = link.inner.lock().unwrap();
+                let holds_range = li.theirs.as_ref().is_none_or(|t| t.size >= offset + u64::from(len));
                 match (&li.conn, li.state) {
-                    (Some(c), ReplicaState::InSync) => c.clone(),
+                    (Some(c), ReplicaState::InSync) if holds_range => c.clone(),
                     _ => continue,
                 }
             };
@@ -1414,7 +1510,7 @@ impl Volume {
     /// returns; a write that the requester misses afterwards sets them again once it has
     /// been applied, so no update is lost between the two.
     async fn serve_read(&self, offset: u64, len: u32, resync_for: Option<usize>) -> Reply {
-        if let Err(e) = check_range(offset, u64::from(len), self.spec.size) {
+        if let Err(e) = check_range(offset, u64::from(len), self.size()) {
             return Reply::Error { code: ErrorCode::OutOfRange, message: e.message };
         }
         match self.local_replica() {
@@ -1442,7 +1538,7 @@ impl Volume {
 
     async fn peer_write(&self, from: usize, sent: u32, epoch: u64, op: Op) -> Reply {
         let (offset, len) = op.range();
-        if let Err(e) = check_range(offset, len, self.spec.size) {
+        if let Err(e) = check_range(offset, len, self.size()) {
             return Reply::Error { code: ErrorCode::OutOfRange, message: e.message };
         }
         if let Err(reply) = self.check_epoch(from, epoch) {
@@ -1526,7 +1622,7 @@ impl Volume {
 
 impl BlockDevice for Volume {
     fn size(&self) -> u64 {
-        self.spec.size
+        Volume::size(self)
     }
 
     async fn read(&self, offset: u64, len: u32) -> BlockResult<Bytes> {

@@ -23,6 +23,9 @@ impl Volume {
             let changed = self.changed.notified();
             let needs = matches!(self.local_replica(), Some((_, ReplicaState::Outdated | ReplicaState::CatchingUp)));
             let source = needs.then(|| self.pick_source()).flatten();
+            if needs && source.is_none() {
+                self.note_size_wait();
+            }
             match source {
                 Some((idx, conn)) => {
                     if let Err(e) = self.run_resync(idx, &conn).await {
@@ -38,12 +41,16 @@ impl Volume {
         }
     }
 
-    /// An in-sync peer to copy from. A peer that recorded blocks this replica lacks comes
-    /// first (its record is cleared by what it serves; another source would leave it, and
-    /// the replica would be told again it is out of date), then the holder of write priority.
+    /// An in-sync peer of this replica's size to copy from (a peer of another size may
+    /// lack blocks this one needs, or hold blocks past this one's end). A peer that recorded
+    /// blocks this replica lacks comes first (its record is cleared by what it serves;
+    /// another source would leave it, and the replica would be told again it is out of
+    /// date), then the holder of write priority. While such a peer has another size, none:
+    /// the replica waits until both are grown.
     fn pick_source(&self) -> Option<(usize, Arc<PeerConn>)> {
         let holder = self.priority().holder;
         let me = &self.ctx.name;
+        let size = self.size();
         let mut best: Option<(u8, usize, Arc<PeerConn>)> = None;
         for (i, l) in self.links.iter().enumerate() {
             let Some(l) = l else { continue };
@@ -54,6 +61,12 @@ impl Volume {
             }
             let Some(c) = li.conn.clone() else { continue };
             let records_me = t.outdated_peers.contains(me) || t.dirty_peers.contains(me);
+            if t.size != size {
+                if records_me {
+                    return None;
+                }
+                continue;
+            }
             let rank = u8::from(records_me) * 2 + u8::from(l.name == holder);
             if best.as_ref().is_none_or(|(r, _, _)| rank > *r) {
                 best = Some((rank, i, c));
@@ -62,9 +75,38 @@ impl Volume {
         best.map(|(_, i, c)| (i, c))
     }
 
+    /// The local replica lacks writes and no in-sync peer of its size can give them: if one
+    /// of another size could, say that this replica waits to be grown.
+    fn note_size_wait(&self) {
+        let size = self.size();
+        let other = self.links.iter().flatten().find_map(|l| {
+            let li = l.inner.lock().unwrap();
+            let t = li.theirs.as_ref()?;
+            (li.conn.is_some() && li.state == ReplicaState::InSync && t.consistent && t.size != size)
+                .then(|| (l.name.clone(), t.size))
+        });
+        if let Some((peer, theirs)) = other {
+            let detail = format!(
+                "lacks writes; in-sync {peer} has {theirs} bytes, this replica {size}: it resynchronises once both are grown to the same size"
+            );
+            let mut l = self.local.lock().unwrap();
+            if matches!(l.state, ReplicaState::Outdated | ReplicaState::CatchingUp) && l.detail != detail {
+                tracing::warn!(volume = %self.spec.name, %peer, theirs, size, "cannot resynchronise from a replica of another size");
+                l.detail = detail;
+            }
+        }
+    }
+
     /// Fetches the source's bitmap for this replica and merges it into the local record of
-    /// the blocks this replica lacks.
-    async fn merge_source_bitmap(&self, conn: &PeerConn) -> Result<(), String> {
+    /// the blocks this replica lacks. Fails when the source's size is no longer this
+    /// replica's (one of them grew): the resync stops, and resumes from a source of the same
+    /// size.
+    async fn merge_source_bitmap(&self, idx: usize, conn: &PeerConn) -> Result<(), String> {
+        let size = self.size();
+        let theirs = self.link(idx).and_then(|l| l.inner.lock().unwrap().theirs.as_ref().map(|t| t.size));
+        if theirs != Some(size) {
+            return Err(format!("the source has {} bytes, this replica {size}", theirs.unwrap_or(0)));
+        }
         let total = self.bitmaps.lock().unwrap()[self.me].len_bytes();
         let mut off = 0usize;
         while off < total {
@@ -98,7 +140,7 @@ impl Volume {
         }
         *self.resync_source.lock().unwrap() = Some(conn.clone());
         self.broadcast_state();
-        self.merge_source_bitmap(conn).await?;
+        self.merge_source_bitmap(idx, conn).await?;
         {
             // What this node recorded against the source (crash, refused writes) is lacking too.
             let mut b = self.bitmaps.lock().unwrap();
@@ -120,7 +162,7 @@ impl Volume {
         let mut rounds = 0;
         loop {
             self.copy_lacking(&replica, conn).await?;
-            self.merge_source_bitmap(conn).await?;
+            self.merge_source_bitmap(idx, conn).await?;
             let left = self.bitmaps.lock().unwrap()[self.me].count() * BLOCK_SIZE;
             if left == 0 {
                 break;

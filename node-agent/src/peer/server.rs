@@ -17,8 +17,10 @@ use crate::engine::Volume;
 /// What the peer server needs of the node: its volumes, and volume lifecycle.
 pub trait VolumeLookup: Send + Sync + 'static {
     fn volume(&self, name: &str) -> Option<Arc<Volume>>;
-    /// Creates the local replica of a volume that a peer created (idempotent).
-    fn create_volume(&self, name: &str, size: u64, replicas: &[String]) -> Result<(), String>;
+    /// Creates the local replica of a volume that a peer created (idempotent). A refusal
+    /// carries the code to answer with: `OutOfRange` when this node lacks the space,
+    /// `Invalid` otherwise.
+    fn create_volume(&self, name: &str, size: u64, replicas: &[String]) -> Result<(), (ErrorCode, String)>;
     /// Deletes the local replica of a volume that a peer deleted.
     fn delete_volume(&self, name: &str) -> Result<(), String>;
 }
@@ -79,12 +81,8 @@ async fn serve_conn<L: VolumeLookup>(
                     format!("node {peer:?} holds no replica of {volume:?}"),
                 ));
             };
-            if state.size != v.spec().size {
-                return Err(reply_err(
-                    ErrorCode::Invalid,
-                    format!("volume {volume:?} has {} bytes here, {} on {peer}", v.spec().size, state.size),
-                ));
-            }
+            // Replicas of different sizes (a volume being grown one node at a time) connect:
+            // the engine keeps writes and reads within each replica's end.
             let Some(session) = v.begin_peer_session(idx).await else {
                 return Err(reply_err(
                     ErrorCode::UnknownVolume,
@@ -98,7 +96,7 @@ async fn serve_conn<L: VolumeLookup>(
         Some(Ok(Frame::Request { id, req: Request::CreateVolume { volume, size, replicas } })) => {
             let reply = match volumes.create_volume(&volume, size, &replicas) {
                 Ok(()) => Reply::Ok,
-                Err(message) => Reply::Error { code: ErrorCode::Invalid, message },
+                Err((code, message)) => Reply::Error { code, message },
             };
             send(&writer, id, &reply);
             writer.close();
