@@ -56,6 +56,36 @@ pub struct Config {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub resync: ResyncConfig,
+    /// The CSI Node service; absent = not served (standalone use without Kubernetes).
+    #[serde(default)]
+    pub csi: Option<CsiConfig>,
+}
+
+/// Where the node agent serves CSI and keeps what staging set up.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsiConfig {
+    /// Socket kubelet reaches the node plugin on, e.g.
+    /// `/var/lib/kubelet/plugins/csi.peersan.io/csi.sock`.
+    pub socket: PathBuf,
+    /// Stage records (kept across agent restarts so unstage can undo an earlier process's
+    /// work). Default: `<pool.path>/csi`.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    /// Where the FUSE exports of staged volumes are mounted. Default:
+    /// `/run/peersan/<node.name>/fuse`.
+    #[serde(default)]
+    pub fuse_dir: Option<PathBuf>,
+}
+
+impl CsiConfig {
+    pub fn state_dir(&self, c: &Config) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| c.pool.path.join("csi"))
+    }
+
+    pub fn fuse_dir(&self, c: &Config) -> PathBuf {
+        self.fuse_dir.clone().unwrap_or_else(|| PathBuf::from(format!("/run/peersan/{}/fuse", c.node.name)))
+    }
 }
 
 /// How resynchronisation may load the node.
@@ -344,6 +374,19 @@ impl Config {
                     "{addr} is not a loopback address; NBD has no authentication, so set listen.nbd_tcp_allow_remote: true to serve it beyond this host"
                 ),
             ));
+        }
+        if let Some(csi) = &self.csi {
+            for (key, p) in [
+                ("csi.socket", Some(&csi.socket)),
+                ("csi.state_dir", csi.state_dir.as_ref()),
+                ("csi.fuse_dir", csi.fuse_dir.as_ref()),
+            ] {
+                if let Some(p) = p
+                    && !p.is_absolute()
+                {
+                    return Err(invalid(key, format!("{} must be an absolute path", p.display())));
+                }
+            }
         }
         let mut nodes = BTreeSet::from([self.node.name.as_str()]);
         for (i, p) in self.peers.iter().enumerate() {

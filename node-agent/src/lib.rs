@@ -6,6 +6,7 @@ pub mod agent;
 pub mod api;
 pub mod block;
 pub mod config;
+pub mod csi;
 pub mod engine;
 pub mod frontend;
 pub mod fuse;

@@ -59,6 +59,14 @@ impl Member {
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("agent.log")
     }
+    /// The CSI socket (served when the cluster's `csi` is set).
+    pub fn csi_socket(&self) -> PathBuf {
+        self.dir.join("csi.sock")
+    }
+    /// Where the agent mounts the FUSE exports of staged volumes.
+    pub fn fuse_dir(&self) -> PathBuf {
+        self.dir.join("fuse")
+    }
     /// `nbd+unix:///VOLUME?socket=...`
     pub fn nbd_uri(&self, volume: &str) -> String {
         format!("nbd+unix:///{volume}?socket={}", self.nbd_socket().display())
@@ -85,6 +93,8 @@ pub struct LocalCluster {
     /// Resync rate limit in bytes per second (None: the agent's default).
     pub resync_rate: Option<u64>,
     pub log_filter: String,
+    /// Serve the CSI Node service on each member's `csi_socket()`.
+    pub csi: bool,
 }
 
 impl LocalCluster {
@@ -116,6 +126,7 @@ impl LocalCluster {
             peer_io_timeout: Duration::from_secs(3),
             resync_rate: None,
             log_filter: "info".into(),
+            csi: false,
         };
         c.write_configs()?;
         Ok(c)
@@ -136,6 +147,9 @@ impl LocalCluster {
             y += &format!("pool:\n  path: {}\n", m.pool().display());
             y += &format!("secret_file: {}\n", self.secret_file.display());
             y += &format!("timeouts:\n  peer_io: {}ms\n  connect: 1s\n", self.peer_io_timeout.as_millis());
+            if self.csi {
+                y += &format!("csi:\n  socket: {}\n  fuse_dir: {}\n", m.csi_socket().display(), m.fuse_dir().display());
+            }
             if let Some(rate) = self.resync_rate {
                 y += &format!("resync:\n  rate: {rate}\n");
             }

@@ -2,6 +2,7 @@
 //! `peersan_node_agent::localcluster`), real NBD clients, and byte-for-byte checks.
 #![allow(dead_code)]
 
+pub mod csi;
 pub mod disk;
 
 use std::path::{Path, PathBuf};

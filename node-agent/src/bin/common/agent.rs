@@ -9,6 +9,8 @@ use anyhow::Context;
 use clap::Args;
 use peersan_node_agent::agent::Node;
 use peersan_node_agent::config::Config;
+use peersan_node_agent::csi::{self, StageRecords};
+use peersan_node_agent::frontend::Frontends;
 use peersan_node_agent::{api, nbd, peer};
 
 /// How to run a node agent.
@@ -85,6 +87,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let api_listener = bind_unix(&cfg.listen.api).context("listen.api")?;
     let api = tokio::spawn(api::serve(api_listener, node.clone(), wait_stop(stop_rx.clone())));
+    let csi = match &cfg.csi {
+        Some(c) => {
+            let listener = bind_unix(&c.socket).context("csi.socket")?;
+            let frontends = Arc::new(Frontends::new(c.fuse_dir(&cfg)));
+            let records = StageRecords::new(c.state_dir(&cfg));
+            tracing::info!(csi = %c.socket.display(), "serving CSI (Identity, Node)");
+            Some(tokio::spawn(csi::serve(listener, node.clone(), frontends, records, wait_stop(stop_rx.clone()))))
+        }
+        None => None,
+    };
     tracing::info!(api = %cfg.listen.api.display(), nbd = %cfg.listen.nbd_unix.display(), "node agent ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -112,6 +124,9 @@ async fn run(config: Config) -> anyhow::Result<()> {
         v.shutdown();
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), api).await;
+    if let Some(csi) = csi {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), csi).await;
+    }
     let _ = std::fs::remove_file(&cfg.listen.api);
     let _ = std::fs::remove_file(&cfg.listen.nbd_unix);
     Ok(())
