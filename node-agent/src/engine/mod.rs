@@ -858,7 +858,18 @@ impl Volume {
         }
         let mine = self.state_msg();
         let holder = self.priority().holder;
-        let d = state::decide(&self.ctx.name, &mine, &link.name, &theirs, &holder);
+        let d = if announced {
+            // The rule for a never-written replica facing a written one (it lacks the other's
+            // writes) is for states exchanged at connect, before this node's writes flow to the
+            // peer. A state announced later (a growth, an epoch) may have been taken while a
+            // first write was in flight to one of the two, and would make a replica that
+            // receives every write look empty; a replica that really missed writes is known
+            // from the records of the replicas that executed them.
+            let written = |s: &ReplicaStateMsg| ReplicaStateMsg { generation: s.generation.max(1), ..s.clone() };
+            state::decide(&self.ctx.name, &written(&mine), &link.name, &written(&theirs), &holder)
+        } else {
+            state::decide(&self.ctx.name, &mine, &link.name, &theirs, &holder)
+        };
         {
             let mut li = link.inner.lock().unwrap();
             li.theirs = Some(theirs);
@@ -1127,10 +1138,6 @@ impl Volume {
         if self.generation_zero.load(Ordering::Relaxed) {
             self.generation_zero.store(false, Ordering::Relaxed);
             let _ = replica.update_meta(|m| m.generation = m.generation.max(1));
-            // A peer that last heard this replica's state before its first write (a state
-            // sent while that write was in flight) takes it for an empty replica facing a
-            // written one, i.e. outdated: tell it.
-            self.broadcast_state();
         }
         Ok(())
     }
