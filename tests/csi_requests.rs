@@ -393,3 +393,32 @@ fn list_volumes_pages_and_capacity_accounts_for_replicas() {
     }
     assert_eq!(names, (0..5).map(|i| format!("pvc-list-{i}")).collect::<Vec<_>>());
 }
+
+#[test]
+fn create_completes_a_volume_an_earlier_attempt_left_partly_created() {
+    if !can_stage() {
+        return;
+    }
+    let mut h = CsiCluster::start(2);
+    let cap = mount_cap("ext4");
+    // An attempt that created node-1's replica while node-2 was down.
+    h.c.stop(1);
+    let size = 64 * MIB;
+    let partial = h.c.api(0, |mut c| async move {
+        c.create_volume(peersan_node_agent::api::pb::CreateVolumeRequest {
+            name: "pvc-partial".into(),
+            size_bytes: size,
+            replicas: vec!["node-1".into(), "node-2".into()],
+        })
+        .await
+    });
+    assert!(partial.is_err(), "node-2 is down: {partial:?}");
+    assert!(h.c.volume(0, "pvc-partial").is_ok());
+    h.c.start(1).unwrap();
+    assert!(h.c.volume(1, "pvc-partial").is_err(), "node-2 has no replica yet");
+    // The provisioner retries CreateVolume: the volume is completed, not reported as is.
+    let v = h.create("pvc-partial", size, &[("replicas", "2")], &cap).unwrap();
+    assert_eq!(v.accessible_topology.len(), 2);
+    assert!(h.c.volume(1, "pvc-partial").is_ok(), "node-2's replica was created");
+    h.c.wait_healthy(0, "pvc-partial", std::time::Duration::from_secs(20)).unwrap();
+}

@@ -381,6 +381,25 @@ impl Controller for ControllerService {
                 ))
                 .into());
             }
+            // An earlier attempt may have stopped with some replicas missing (a peer
+            // without room, or down): complete it, through a node that has the volume.
+            let missing: Vec<&String> =
+                replicas.iter().filter(|n| !existing.views.iter().any(|(v, _)| v == *n)).collect();
+            if !missing.is_empty() {
+                let (via, _) = &existing.views[0];
+                tracing::info!(volume = name, ?missing, via = %via, "completing a partly created volume");
+                let mut c = self.client(via).await?;
+                c.create_volume(agent::request(apb::CreateVolumeRequest {
+                    name: name.to_owned(),
+                    size_bytes: have,
+                    replicas: replicas.clone(),
+                }))
+                .await
+                .map_err(|s| match CsiError::from_agent(&format!("CreateVolume on {via}"), &s) {
+                    CsiError::OutOfRange(m) => CsiError::ResourceExhausted(m),
+                    e => e,
+                })?;
+            }
             return Ok(Response::new(pb::CreateVolumeResponse {
                 volume: Some(csi_volume(name, have, &replicas, p.volume_context())),
             }));
