@@ -62,8 +62,18 @@ fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// A runtime whose threads may serve a loop device of this process (see
+/// `fuse::become_io_flusher`).
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(|| {
+            // Needs CAP_SYS_RESOURCE, which some sandboxes withhold even from root.
+            let _ = peersan_node_agent::fuse::become_io_flusher();
+        })
+        .build()
+        .unwrap()
 }
 
 /// A 2-way engine volume "vol": node-1 in this process, node-2 an agent process.
@@ -105,9 +115,11 @@ impl Mirrored {
     /// Detaches, stops both nodes and checks that the replicas are identical.
     fn finish(mut self) {
         self.detach();
-        self.rt.block_on(stop_node_in_process(&self.node));
+        // Both nodes saw every write in sync (node-2 would call it degraded once node-1 stops).
+        assert_eq!(self.node.get("vol").unwrap().health(), "healthy");
         let v = self.cluster.volume(1, "vol").unwrap();
         assert_eq!(v.health, "healthy", "{v:?}");
+        self.rt.block_on(stop_node_in_process(&self.node));
         assert_replicas_identical(&mut self.cluster, "vol", &[0, 1]);
         drop(self.dir);
     }

@@ -355,6 +355,7 @@ impl Frontends {
     /// process's.
     async fn cleanup(&self, name: &str, mountpoint: &Path, file: &Path) -> Result<(), FrontendError> {
         // Loop devices first (they hold the file open), each checked before any is touched.
+        // (By the file's path only: a device number alone may have been reused since.)
         let loops = loops_backed_by(file);
         for dev in &loops {
             check_not_claimed(dev)?;

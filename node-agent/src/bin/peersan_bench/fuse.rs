@@ -37,7 +37,13 @@ pub fn run(dir: &Path, a: &Args, results: &mut Vec<Result_>) -> anyhow::Result<(
     for i in 1..n {
         c.start(i)?;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // The runtime's threads serve a loop device of this process (see `become_io_flusher`).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(|| {
+            let _ = peersan_node_agent::fuse::become_io_flusher();
+        })
+        .build()?;
     let node = rt.block_on(start_node_in_process(&c.members[0].config_path()))?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     // Every replica in sync, as node-1 sees it.
