@@ -551,6 +551,15 @@ fn is_our_mount(mountpoint: &Path) -> Result<bool, FrontendError> {
 mod tests {
     use super::*;
 
+    /// The CSI service awaits these in tonic handlers, whose futures must be `Send`.
+    #[allow(dead_code)]
+    fn futures_are_send(f: &Frontends, v: Arc<crate::engine::Volume>) {
+        fn send<T: Send>(_: T) {}
+        send(f.attach("v", v));
+        send(f.detach("v"));
+        send(f.refresh_size("v"));
+    }
+
     #[test]
     fn kind_names() {
         assert_eq!(FrontendKind::FuseLoop.as_str(), "fuse-loop");
