@@ -12,6 +12,7 @@ pub mod identity;
 pub mod limiter;
 pub mod log;
 pub mod params;
+pub mod run;
 pub mod serve;
 
 /// The CSI v1 messages and services.

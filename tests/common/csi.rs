@@ -18,17 +18,6 @@ use tonic::transport::Channel;
 
 use super::*;
 
-/// The controller binary, built by `cargo test --workspace` next to the node agent.
-pub fn controller_bin() -> PathBuf {
-    let p = agent_bin().with_file_name("peersan-csi-controller");
-    assert!(
-        p.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` (or `cargo build -p peersan-csi-driver` first)",
-        p.display()
-    );
-    p
-}
-
 /// True when this process may create loop devices and mounts; otherwise prints why the
 /// test is skipped. In CI (root) a missing tool fails the test instead.
 pub fn can_stage() -> bool {
@@ -91,7 +80,10 @@ impl CsiCluster {
 
     fn start_controller(&mut self, nodes_file: &Path) {
         let log = std::fs::File::create(self.c.dir.join("controller.log")).unwrap();
-        let child = Command::new(controller_bin())
+        // `peersan csi-controller` runs the same entry point as `peersan-csi-controller`
+        // (a binary of this package, so cargo builds it for these tests).
+        let child = Command::new(env!("CARGO_BIN_EXE_peersan"))
+            .arg("csi-controller")
             .arg("--endpoint")
             .arg(format!("unix://{}", self.controller_socket.display()))
             .arg("--nodes")

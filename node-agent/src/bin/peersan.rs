@@ -32,6 +32,8 @@ enum Cmd {
     Node,
     /// Run a node agent (the same as `peersan-node-agent`).
     Agent(common::agent::AgentArgs),
+    /// Run the CSI controller (the same as `peersan-csi-controller`).
+    CsiController(peersan_csi_driver::run::ControllerArgs),
     /// Run three agents on this machine and show mirroring, failover and resync.
     Demo {
         /// Keep the demo's directory (configs, logs, replicas) afterwards.
@@ -92,6 +94,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Demo { keep } => demo(keep),
         Cmd::Agent(args) => common::agent::run_agent(args),
+        Cmd::CsiController(args) => peersan_csi_driver::run::run(args),
         cmd => tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(client(&cli.socket, cmd)),
     }
 }
@@ -189,7 +192,7 @@ async fn client(socket: &Path, cmd: Cmd) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
-        Cmd::Demo { .. } | Cmd::Agent(_) => unreachable!("handled in main"),
+        Cmd::Demo { .. } | Cmd::Agent(_) | Cmd::CsiController(_) => unreachable!("handled in main"),
     }
     Ok(())
 }
