@@ -422,7 +422,7 @@ fn print_table(results: &[Result_], rss: &BTreeMap<String, u64>) {
         }
     };
     for w in ["4k randwrite QD32", "4k randread QD32", "1M seqwrite QD8"] {
-        ratio(&format!("fuse-loop 2-way / local, {w}"), find("fuse-loop", w), find("local", w));
-        ratio(&format!("fuse-loop / nbd (same 2-way volume), {w}"), find("fuse-loop", w), find("nbd", w));
+        ratio(&format!("fuse-loop / local, {w}"), find("fuse-loop", w), find("local", w));
+        ratio(&format!("fuse-loop / nbd (same volume), {w}"), find("fuse-loop", w), find("nbd", w));
     }
 }

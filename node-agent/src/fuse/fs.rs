@@ -153,8 +153,8 @@ impl<D: BlockDevice> Filesystem for VolumeFs<D> {
         let Some(a) = self.attr(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        let type_bits = if a.kind == FileType::Directory { 0o040000 } else { 0o100000 };
-        let same_mode = mode.is_none_or(|m| m & 0o7777 == u32::from(a.perm) || m == type_bits | u32::from(a.perm));
+        // The kernel sends the whole mode, file type bits included.
+        let same_mode = mode.is_none_or(|m| m & 0o7777 == u32::from(a.perm));
         if !same_mode || uid.is_some_and(|u| u != a.uid) || gid.is_some_and(|g| g != a.gid) {
             return reply.error(Errno::EPERM);
         }
