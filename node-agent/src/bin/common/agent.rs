@@ -46,6 +46,23 @@ pub fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(n) = args.worker_threads {
         rt.worker_threads(n);
     }
+    // A process that serves its own loop devices (the FUSE frontend) must not be throttled
+    // or blocked by writeback of those devices under memory pressure: its threads are
+    // marked as I/O flushers (PR_SET_IO_FLUSHER, which needs CAP_SYS_RESOURCE).
+    if config.csi.is_some() {
+        match peersan_node_agent::fuse::become_io_flusher() {
+            Ok(()) => {
+                rt.on_thread_start(|| {
+                    let _ = peersan_node_agent::fuse::become_io_flusher();
+                });
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot mark the agent's threads as I/O flushers (needs CAP_SYS_RESOURCE); \
+                 under memory pressure, writeback to staged volumes may stall"
+            ),
+        }
+    }
     rt.enable_all().build()?.block_on(run(config))
 }
 
