@@ -53,7 +53,8 @@ alive() {
   stat=${stat##*) }
   [ "${stat%% *}" != Z ]
 }
-# Polls `cmd` every 0.1 s until it succeeds, the process `proc` dies, or the deadline passes.
+# Polls `cmd` every 0.1 s until it succeeds, the process `proc` dies, or the deadline passes
+# (each probe has its own 2 s limit: a port someone else holds may accept and never answer).
 wait_for() {
   local what=$1 proc=$2 log=$3; shift 3
   local deadline=$((SECONDS + READY_TIMEOUT))
@@ -73,13 +74,14 @@ if [ -n "${OWNER_PID:-}" ]; then
   echo $! > "$STATE/watchdog.pid"
 fi
 
-"$BIN/etcd" --name default --data-dir "$STATE/etcd" \
+# etcd reads ETCD_* variables as flags: ours are not meant for it.
+env -u ETCD_PORT -u ETCD_PEER_PORT "$BIN/etcd" --name default --data-dir "$STATE/etcd" \
   --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
   --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
   --initial-cluster "default=http://127.0.0.1:$ETCD_PEER_PORT" \
   </dev/null > "$STATE/etcd.log" 2>&1 &
 echo $! > "$STATE/etcd.pid"
-wait_for etcd etcd "$STATE/etcd.log" curl -fsS "http://127.0.0.1:$ETCD_PORT/health"
+wait_for etcd etcd "$STATE/etcd.log" curl -fsS --max-time 2 "http://127.0.0.1:$ETCD_PORT/health"
 
 "$BIN/kube-apiserver" --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
   --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$API_PORT" \
@@ -107,6 +109,6 @@ contexts:
 current-context: peersan-test
 KC
 wait_for kube-apiserver apiserver "$STATE/apiserver.log" \
-  curl -fsS --cacert "$STATE/pki/ca.crt" --cert "$STATE/pki/admin.crt" --key "$STATE/pki/admin.key" \
+  curl -fsS --max-time 2 --cacert "$STATE/pki/ca.crt" --cert "$STATE/pki/admin.crt" --key "$STATE/pki/admin.key" \
   "https://127.0.0.1:$API_PORT/readyz"
 echo "$STATE/kubeconfig"

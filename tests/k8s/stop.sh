@@ -10,7 +10,7 @@ STATE=${STATE:?set STATE to the directory given to start.sh}
 STATE=$(cd "$STATE" && pwd)
 
 # Whether pid $1 names STATE on its command line (as a path prefix or a whole argument).
-ours() { tr '\0' ' ' < "/proc/$1/cmdline" 2>/dev/null | grep -qF -e "$STATE/" -e "$STATE "; }
+ours() { { tr '\0' ' ' < "/proc/$1/cmdline"; } 2>/dev/null | grep -qF -e "$STATE/" -e "$STATE "; }
 # Running: exists and is not a zombie (an exited child its new parent has not reaped yet).
 running() {
   local stat
