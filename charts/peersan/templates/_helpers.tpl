@@ -207,13 +207,6 @@ livenessProbe:
 {{- end }}
 {{- end }}
 
-{{/* The CSIDriver's fsGroupPolicy where the cluster knows the field (1.19 alpha, 1.20 beta). */}}
-{{- define "peersan.csiDriver.fsGroupPolicy" -}}
-{{- if semverCompare ">=1.20.0-0" .Capabilities.KubeVersion.Version }}
-fsGroupPolicy: {{ .Values.csiDriver.fsGroupPolicy }}
-{{- end }}
-{{- end }}
-
 {{/*
 A CSI sidecar of the controller pod. Call with
 (dict "ctx" $ "name" "csi-provisioner" "image" .Values.sidecars.provisioner "args" (list ...)).
