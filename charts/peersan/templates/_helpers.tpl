@@ -10,18 +10,18 @@ live here, so that the manifests read as plain objects.
 
 {{/*
 Prefix of every object name: fullnameOverride, or "<release>-<name>", or the release name
-when it already contains the chart name. Kept to 40 characters so that the longest suffix
-("-csi-controller-provisioner") still fits a 63-character name.
+when it already contains the chart name. Kept to 36 characters so that the longest name,
+"<prefix>-csi-controller-provisioner", stays within 63 (a DNS label).
 */}}
 {{- define "peersan.fullname" -}}
 {{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- .Values.fullnameOverride | trunc 36 | trimSuffix "-" }}
 {{- else }}
 {{- $name := include "peersan.name" . }}
 {{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- .Release.Name | trunc 36 | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc 36 | trimSuffix "-" }}
 {{- end }}
 {{- end }}
 {{- end }}
