@@ -957,90 +957,13 @@ fn check_rbac(objects: &[Value]) {
 }
 
 // ---------------------------------------------------------------------------------------
-// The API server. `start_api_server` is the only entry point the tests use.
+// The API server: the project's real kube-apiserver v1.20.2 (tests/k8s). With CI set, a
+// server that cannot start fails the test instead of skipping it.
+
+#[path = "k8s/harness.rs"]
+mod k8s;
+use k8s::ApiServer;
 
 fn start_api_server() -> Result<ApiServer, String> {
     ApiServer::start()
-}
-
-/// etcd + kube-apiserver v1.20 started with `shared/k8s/start-control-plane.sh` on free
-/// loopback ports, from the binaries `shared/k8s/build-control-plane.sh` built into the
-/// cache (`PEERSAN_K8S_CACHE`, default `~/.cache/peersan-k8s`); stopped on drop. kubectl is
-/// the one from tools.sh. Outside CI a missing build is a reason to skip (the cold build
-/// takes minutes and must not run twice at once into one cache); CI builds it.
-struct ApiServer {
-    kubeconfig: PathBuf,
-    state: PathBuf,
-    scripts: PathBuf,
-    kubectl: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl ApiServer {
-    fn start() -> Result<ApiServer, String> {
-        let scripts = std::env::var_os("PEERSAN_K8S_SCRIPTS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| repo_root().join("../shared/k8s"));
-        if !scripts.join("start-control-plane.sh").is_file() {
-            return Err(format!("no start-control-plane.sh in {}", scripts.display()));
-        }
-        let kubectl = tools()?.join("kubectl");
-        let cache = std::env::var_os("PEERSAN_K8S_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"))
-                .join("peersan-k8s")
-        });
-        let bin = cache.join("bin");
-        if !bin.join("kube-apiserver").is_file() || !bin.join("etcd").is_file() {
-            if std::env::var_os("CI").is_none() {
-                return Err(format!(
-                    "{} has no kube-apiserver and etcd; build them with OUT={} {}",
-                    bin.display(),
-                    cache.display(),
-                    scripts.join("build-control-plane.sh").display()
-                ));
-            }
-            let build = Command::new("bash")
-                .arg(scripts.join("build-control-plane.sh"))
-                .env("OUT", &cache)
-                .output()
-                .map_err(|e| format!("build-control-plane.sh: {e}"))?;
-            if !build.status.success() {
-                return Err(format!("build-control-plane.sh failed: {}", String::from_utf8_lossy(&build.stderr)));
-            }
-        }
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let state = dir.path().join("state");
-        let ports: Vec<u16> = (0..3)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").map(|l| l.local_addr().unwrap().port()))
-            .collect::<Result<_, _>>()
-            .map_err(|e| e.to_string())?;
-        let out = Command::new("bash")
-            .arg(scripts.join("start-control-plane.sh"))
-            .env("BIN", &bin)
-            .env("STATE", &state)
-            .env("API_PORT", ports[0].to_string())
-            .env("ETCD_PORT", ports[1].to_string())
-            .env("ETCD_PEER_PORT", ports[2].to_string())
-            .output()
-            .map_err(|e| format!("start-control-plane.sh: {e}"))?;
-        let server = ApiServer { kubeconfig: state.join("kubeconfig"), state, scripts, kubectl, _dir: dir };
-        if !out.status.success() {
-            return Err(format!("start-control-plane.sh failed: {}", String::from_utf8_lossy(&out.stderr)));
-        }
-        Ok(server)
-    }
-
-    fn kubectl(&self) -> Command {
-        let mut c = Command::new(&self.kubectl);
-        c.arg("--kubeconfig").arg(&self.kubeconfig);
-        c
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        let _ = Command::new("bash").arg(self.scripts.join("stop-control-plane.sh")).env("STATE", &self.state).output();
-    }
 }
