@@ -5,7 +5,9 @@
 //! them have completed it. Overlapping writes from this node are serialised
 //! ([`ranges::RangeLocks`]), so every replica applies them in the same order. Only the node
 //! that holds write priority writes; every write carries its epoch and a replica that knows
-//! a newer epoch refuses it (fencing).
+//! a newer epoch refuses it (fencing). A read is served by the local replica when it is in
+//! sync, otherwise by an in-sync peer; a read or a flush that finds no in-sync replica
+//! waits for one, up to the peer I/O timeout, before it fails ([`Volume::source_wait`]).
 //!
 //! Every replica keeps an out-of-sync bitmap per replica of the volume ([`bitmap`]): bit set
 //! in bitmap `i` = replica `i` may lack that block relative to this one; this node's own
@@ -598,13 +600,24 @@ impl Volume {
     }
 
     /// Records durably that the replicas in the bitmask `missed` (this node's bit ignored)
-    /// missed writes. Must complete before a write they missed is acknowledged.
+    /// missed writes, the one to `range` if given. Must complete before a write they missed
+    /// is acknowledged.
     /// `sender` is the peer whose write revealed it, if any: its connections are left open
     /// (it is the writer, and knows the state it sent).
-    fn flag_outdated(&self, missed: u32, sender: Option<usize>) {
+    ///
+    /// The blocks of `range` are marked for them first, then the record is written: a
+    /// consistent peer for which no block is marked is taken to have caught up and its
+    /// record is cleared ([`Volume::observe_peer_state`], which looks at the bitmap under the
+    /// metadata lock), so the record must never be there without the blocks it stands for.
+    /// The write marks them again once executed ([`Volume::apply_local`]), for a resync
+    /// read that cleared them meanwhile.
+    fn flag_outdated(&self, missed: u32, sender: Option<usize>, range: Option<(u64, u64)>) {
         let missed = missed & self.all_peers;
         if missed == 0 {
             return;
+        }
+        if let Some((offset, len)) = range {
+            self.mark_bits(missed, offset, len);
         }
         let idxs: Vec<usize> = (0..self.spec.replicas.len()).filter(|i| missed & (1 << i) != 0).collect();
         // Only an in-sync replica records: a failed disk cannot, and a replica that is itself
@@ -657,7 +670,8 @@ impl Volume {
 
     /// Marks `[offset, offset + len)` out of sync for the replicas in `mask`. Called after
     /// the local write completed and before its activity-log extents are left, so that a
-    /// concurrent resync read either sees the data or leaves the bit set.
+    /// concurrent resync read either sees the data or leaves the bit set (and, for a write
+    /// a replica misses, also before that is recorded: see [`Volume::flag_outdated`]).
     fn mark_bits(&self, mask: u32, offset: u64, len: u64) {
         if mask == 0 || len == 0 {
             return;
@@ -848,12 +862,28 @@ impl Volume {
         // last look at our bitmap: tell it (it resyncs again).
         let mut tell_again = false;
         if theirs.consistent && theirs.local_ok {
-            let clean = self.bitmaps.lock().unwrap()[idx].is_empty();
-            if clean && let Some(replica) = self.local_disk() {
-                let name = link.name.clone();
-                // Peers learn that this record is gone (they choose resync sources by it).
-                tell_again |= replica.update_meta(|m| m.outdated_peers.retain(|p| *p != name)).unwrap_or(false);
-            }
+            let is_clean = || self.bitmaps.lock().unwrap()[idx].is_empty();
+            let clean = match self.local_disk() {
+                Some(replica) => {
+                    let name = link.name.clone();
+                    let mut clean = false;
+                    // The bitmap is looked at under the metadata lock: a write the peer misses
+                    // marks its blocks before it records the peer (`flag_outdated`), so a
+                    // record being written now is either seen with its blocks, and kept, or
+                    // written after this and kept. Peers learn that a record is gone (they
+                    // choose resync sources by it).
+                    tell_again |= replica
+                        .update_meta(|m| {
+                            clean = is_clean();
+                            if clean {
+                                m.outdated_peers.retain(|p| *p != name);
+                            }
+                        })
+                        .unwrap_or(false);
+                    clean
+                }
+                None => is_clean(),
+            };
             tell_again |= announced && was_inconsistent && !clean;
         }
         let mine = self.state_msg();
@@ -1229,10 +1259,7 @@ impl Volume {
             Some((Err(e), _)) => self.local_failed(&e),
             None => {}
         }
-        self.flag_outdated(failed, None);
-        if let Some((offset, len)) = range {
-            self.mark_bits(failed & self.all_peers, offset, len);
-        }
+        self.flag_outdated(failed, None, range);
         if let Some(p) = &out.fenced {
             if !self.adopt_priority(p.epoch, &p.holder) {
                 // The refusing replica knows the same epoch under another holder, or did not
@@ -1296,7 +1323,7 @@ impl Volume {
             }
         }
         let missed = !sent & self.all_peers;
-        self.flag_outdated(missed, None);
+        self.flag_outdated(missed, None, Some((offset, len)));
 
         let local_fut = async {
             match &local {
@@ -1320,11 +1347,62 @@ impl Volume {
         }
     }
 
+    /// How long a read or a flush that finds no in-sync replica to serve it waits for one
+    /// before it fails. An in-sync replica is missing for a moment in the ordinary course of
+    /// the protocol: a peer that records that this replica missed writes closes this node's
+    /// connections to it so that it reconnects and learns it, and any link blip does the
+    /// same; the reconnect takes a back-off step and a handshake. Failing then would hand the
+    /// client an EIO (a filesystem remounts read-only on it) for a gap that heals by itself.
+    /// The bound is the peer I/O timeout, the time a read already waits for one peer to
+    /// answer; past it the request fails as before, so a volume with no reachable in-sync
+    /// replica errors out rather than hangs.
+    fn source_wait(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now() + self.ctx.io_timeout
+    }
+
+    /// Waits until the engine's state changes (a link connects, a state is learnt, the
+    /// local replica catches up), `deadline` passes, or the engine stops. `changed` must
+    /// have been created before the state was last looked at. Returns false when the
+    /// caller should give up.
+    async fn wait_for_source(
+        &self,
+        changed: tokio::sync::futures::Notified<'_>,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        if self.stopping.load(Ordering::Acquire) || tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        let _ = tokio::time::timeout_at(deadline, changed).await;
+        !self.stopping.load(Ordering::Acquire)
+    }
+
+    /// A read from the local replica when it is in sync, otherwise from an in-sync peer
+    /// that holds the range. When none can serve it, waits for one (see
+    /// [`Volume::source_wait`]) before failing.
     async fn do_read(&self, offset: u64, len: u32) -> BlockResult<Bytes> {
         check_range(offset, u64::from(len), self.size())?;
+        let deadline = self.source_wait();
+        let mut first = true;
+        loop {
+            let changed = self.changed.notified();
+            if let Some(data) = self.try_read(offset, len).await {
+                return Ok(data);
+            }
+            if std::mem::take(&mut first) {
+                tracing::debug!(volume = %self.spec.name, offset, len, "no in-sync replica can serve the read now; waiting for one");
+            }
+            if !self.wait_for_source(changed, deadline).await {
+                return Err(io_error(format!("volume {}: no in-sync replica can serve the read", self.spec.name)));
+            }
+        }
+    }
+
+    /// One attempt at a read: the local replica when it is in sync, then each in-sync peer
+    /// that holds the range. None when no replica served it.
+    async fn try_read(&self, offset: u64, len: u32) -> Option<Bytes> {
         if let Some((r, ReplicaState::InSync)) = self.local_replica() {
             match r.read(offset, len as usize).await {
-                Ok(b) => return Ok(b),
+                Ok(b) => return Some(b),
                 Err(e) => self.local_failed(&e),
             }
         }
@@ -1342,7 +1420,7 @@ impl Volume {
                 }
             };
             match conn.call(Request::Read { offset, len }).await {
-                Ok(Reply::Data { data }) if data.len() == len as usize => return Ok(data),
+                Ok(Reply::Data { data }) if data.len() == len as usize => return Some(data),
                 Ok(other) => {
                     tracing::warn!(volume = %self.spec.name, peer = %link.name, "unexpected read reply {other:?}")
                 }
@@ -1352,10 +1430,31 @@ impl Volume {
                 Err(e) => self.drop_link(idx, &e),
             }
         }
-        Err(io_error(format!("volume {}: no in-sync replica can serve the read", self.spec.name)))
+        None
     }
 
+    /// A flush: durable on every in-sync replica, and on at least one. When no in-sync
+    /// replica completed it, waits for one (see [`Volume::source_wait`]) and flushes again
+    /// (a flush may be repeated) before failing.
     async fn do_flush(&self) -> BlockResult<()> {
+        let deadline = self.source_wait();
+        let mut first = true;
+        loop {
+            let changed = self.changed.notified();
+            if self.try_flush().await {
+                return Ok(());
+            }
+            if std::mem::take(&mut first) {
+                tracing::debug!(volume = %self.spec.name, "no in-sync replica completed the flush; waiting for one");
+            }
+            if !self.wait_for_source(changed, deadline).await {
+                return Err(io_error(format!("volume {}: no in-sync replica completed the flush", self.spec.name)));
+            }
+        }
+    }
+
+    /// One attempt at a flush; true when an in-sync replica completed it.
+    async fn try_flush(&self) -> bool {
         let (local, targets) = self.write_targets();
         let local_fut = async {
             match &local {
@@ -1365,11 +1464,7 @@ impl Volume {
         };
         let (local_res, peer_res) =
             tokio::join!(local_fut, join_all(targets.iter().map(|t| t.conn.call(Request::Flush))));
-        if self.conclude(&targets, peer_res, local_res, None).done_in_sync {
-            Ok(())
-        } else {
-            Err(io_error(format!("volume {}: no in-sync replica completed the flush", self.spec.name)))
-        }
+        self.conclude(&targets, peer_res, local_res, None).done_in_sync
     }
 
     // ---- requests from peers -----------------------------------------------------------
@@ -1552,7 +1647,7 @@ impl Volume {
             return reply;
         }
         let missed = !sent & self.all_peers;
-        self.flag_outdated(missed, Some(from));
+        self.flag_outdated(missed, Some(from), Some((offset, len)));
         match self.local_replica() {
             Some((r, s)) if s.receives_writes() => match self.apply_local(&r, &op, missed).await {
                 Ok(()) => Reply::Ok,
