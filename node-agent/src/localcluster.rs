@@ -391,14 +391,5 @@ pub async fn start_node_in_process(config: &Path) -> std::io::Result<std::sync::
 /// Stops a node started by [`start_node_in_process`] as the agent does at shutdown: every
 /// volume flushed, engines stopped, bitmaps written.
 pub async fn stop_node_in_process(node: &crate::agent::Node) {
-    use crate::block::BlockDevice;
-    for v in node.volumes() {
-        if let Err(e) = v.flush().await {
-            tracing::warn!(volume = %v.name(), error = %e, "flush at shutdown failed");
-        }
-    }
-    node.stop();
-    for v in node.volumes() {
-        v.shutdown();
-    }
+    node.shutdown().await;
 }

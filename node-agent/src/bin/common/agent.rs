@@ -128,18 +128,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     for f in frontends {
         let _ = f.await;
     }
-    // Make everything acknowledged durable before exiting.
-    for v in node.volumes() {
-        use peersan_node_agent::block::BlockDevice;
-        if let Err(e) = v.flush().await {
-            tracing::warn!(volume = %v.name(), error = %e, "flush at shutdown failed");
-        }
-    }
-    node.stop();
-    // Bitmaps complete on disk: the next start need not replay the activity log.
-    for v in node.volumes() {
-        v.shutdown();
-    }
+    // Durable, stopped, bitmaps complete: the next start need not replay the activity log.
+    node.shutdown().await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), api).await;
     if let Some(csi) = csi {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), csi).await;
