@@ -493,7 +493,11 @@ async fn status_is_written_by_server_side_apply() {
             state: ReplicaState::CatchingUp,
             out_of_sync_bytes: Some(4096),
             resync_done_bytes: Some(0),
-            resync_total_bytes: Some(8192)
+            resync_total_bytes: Some(8192),
+            size_bytes: None,
+            epoch: None,
+            writer: None,
+            detail: None,
         }
     );
     assert_eq!(after.metadata.generation, generation, "a status write must not change the generation");

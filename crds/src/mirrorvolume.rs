@@ -148,6 +148,20 @@ pub struct ReplicaStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub resync_total_bytes: Option<i64>,
+    /// Size of the replica in bytes (below `spec.sizeBytes` while a growth is under way).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub size_bytes: Option<i64>,
+    /// The newest fencing epoch this node's engine knows for the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub epoch: Option<i64>,
+    /// The node with write priority at `epoch`, as this node's engine knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
+    /// Why the replica is in its state, for people (empty when in sync).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// State of a replica (the node agent's replica states).

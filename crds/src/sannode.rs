@@ -61,9 +61,12 @@ pub struct SANNodeSpec {
     pub virtual_san: String,
     /// Where the node keeps its replicas: exactly one of `path` and `device`.
     pub pool: PoolSource,
-    /// `host:port` the agent listens on for its peers, on the replication link.
+    /// `host:port` the agent listens on for its peers, on the replication link. Unset while
+    /// the operator cannot tell it yet (a dedicated link whose address the agent has not
+    /// reported in `status.addresses`); the agent waits for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = ENDPOINT_PATTERN))]
-    pub replication_address: String,
+    pub replication_address: Option<String>,
     /// The other member nodes and where to reach them.
     #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "null_as_default")]
     #[schemars(transform = schema::list_by_name)]

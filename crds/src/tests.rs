@@ -260,7 +260,7 @@ fn sannode_schema() {
     assert_eq!(crd["spec"]["scope"], "Cluster");
     let schema = schema_of("sannode.yaml");
     let spec = &schema["properties"]["spec"];
-    assert_eq!(spec["required"], json!(["pool", "replicationAddress", "virtualSAN"]));
+    assert_eq!(spec["required"], json!(["pool", "virtualSAN"]));
     assert_eq!(spec["properties"]["peers"]["x-kubernetes-list-map-keys"], json!(["name"]));
     assert_eq!(spec["properties"]["pool"]["oneOf"], json!([{ "required": ["path"] }, { "required": ["device"] }]));
     let status = &schema["properties"]["status"]["properties"];
