@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, MAX_REPLICAS, VolumeConfig, check_name};
-use crate::engine::{NodeCtx, Volume, VolumeSpec};
+use crate::config::{Config, MAX_REPLICAS, PeerConfig, VolumeConfig, check_name};
+use crate::engine::{NodeCtx, PeerAddresses, Volume, VolumeSpec};
 use crate::nbd::{ExportInfo, Exports};
 use crate::peer::handshake::HandshakeConfig;
 use crate::peer::proto::ErrorCode;
@@ -94,6 +94,10 @@ pub enum AgentError {
 pub struct Node {
     pub config: Config,
     pub ctx: Arc<NodeCtx>,
+    /// The peers' addresses by node name: `config.peers`, replaced as a whole by
+    /// [`Node::set_peers`] (Kubernetes mode, where nodes join and move). The engines look an
+    /// address up at every connection attempt.
+    peers: Arc<RwLock<BTreeMap<String, String>>>,
     volumes: RwLock<BTreeMap<String, Arc<Volume>>>,
     record: Mutex<PoolRecord>,
     /// Volumes with a growth or deletion in progress (a second one is refused, not queued).
@@ -201,9 +205,11 @@ impl Node {
             reconnect_max: Duration::from_secs(2),
             resync_rate: config.resync.rate.0,
         });
+        let peers = config.peers.iter().map(|p| (p.name.clone(), p.address.clone())).collect();
         let node = Arc::new(Node {
             config,
             ctx,
+            peers: Arc::new(RwLock::new(peers)),
             volumes: RwLock::new(BTreeMap::new()),
             record: Mutex::new(record),
             busy: Mutex::new(BTreeSet::new()),
@@ -349,9 +355,9 @@ impl Node {
             Some(_) => {}
         }
         let spec = VolumeSpec { name: v.name.clone(), replicas };
-        let volume = Volume::new(spec, size, self.ctx.clone(), replica, detail, |name| {
-            self.config.peer_address(name).map(str::to_owned)
-        });
+        let peers = self.peers.clone();
+        let addresses: PeerAddresses = Arc::new(move |name: &str| peers.read().unwrap().get(name).cloned());
+        let volume = Volume::new(spec, size, self.ctx.clone(), replica, detail, addresses);
         volume.start();
         self.volumes.write().unwrap().insert(v.name.clone(), volume.clone());
         Ok(volume)
@@ -395,9 +401,52 @@ impl Node {
         .await;
     }
 
+    /// The address of peer `name`, if known.
+    pub fn peer_address(&self, name: &str) -> Option<String> {
+        self.peers.read().unwrap().get(name).cloned()
+    }
+
+    /// Replaces the peers' addresses (Kubernetes mode: a node joined, left or moved). Every
+    /// volume's links use the new addresses from their next connection attempt, which
+    /// starts at once for the links that are down. Returns whether anything changed.
+    pub fn set_peers(&self, peers: &[PeerConfig]) -> bool {
+        let next: BTreeMap<String, String> =
+            peers.iter().filter(|p| p.name != self.ctx.name).map(|p| (p.name.clone(), p.address.clone())).collect();
+        {
+            let mut cur = self.peers.write().unwrap();
+            if *cur == next {
+                return false;
+            }
+            tracing::info!(peers = ?next, previous = ?*cur, "peer addresses changed");
+            *cur = next;
+        }
+        for v in self.volumes() {
+            v.peers_changed();
+        }
+        true
+    }
+
     /// Creates a volume with a local replica (local part of the API's CreateVolume).
-    /// Idempotent for an identical definition.
+    /// Idempotent for an identical definition. Every other replica node must be a peer
+    /// with a known address.
     pub fn create_local(&self, name: &str, size: u64, replicas: &[String]) -> Result<Arc<Volume>, AgentError> {
+        self.create_replica(name, size, replicas, true)
+    }
+
+    /// Creates this node's replica of a volume that the control plane placed on `replicas`
+    /// (Kubernetes mode): like [`Node::create_local`], except that the other replica nodes
+    /// need no known address yet; their links connect once [`Node::set_peers`] names them.
+    pub fn create_member(&self, name: &str, size: u64, replicas: &[String]) -> Result<Arc<Volume>, AgentError> {
+        self.create_replica(name, size, replicas, false)
+    }
+
+    fn create_replica(
+        &self,
+        name: &str,
+        size: u64,
+        replicas: &[String],
+        known_peers: bool,
+    ) -> Result<Arc<Volume>, AgentError> {
         check_name("name", name).map_err(|e| AgentError::Invalid(e.to_string()))?;
         if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
             return Err(AgentError::Invalid(format!("size_bytes: {size} is not a positive multiple of {BLOCK_SIZE}")));
@@ -416,7 +465,7 @@ impl Node {
             ));
         }
         for r in &sorted {
-            if *r != self.ctx.name && self.config.peer_address(r).is_none() {
+            if known_peers && *r != self.ctx.name && self.peer_address(r).is_none() {
                 return Err(AgentError::Invalid(format!(
                     "replicas: node {r:?} is neither this node nor a configured peer"
                 )));

@@ -104,7 +104,6 @@ struct Local {
 
 struct Link {
     name: String,
-    address: Option<String>,
     inner: Mutex<LinkInner>,
     /// Cuts the reconnect back-off short (the peer just reached us, so it is up).
     retry_now: Notify,
@@ -205,9 +204,14 @@ struct Outcome {
     fenced: Option<Priority>,
 }
 
+/// Where each peer node is reached (`host:port`), looked up at every (re)connect, so that a
+/// peer that moves (or whose address becomes known) is reached at its new address.
+pub type PeerAddresses = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// The mirror engine of one volume on this node.
 pub struct Volume {
     spec: VolumeSpec,
+    addresses: PeerAddresses,
     /// Size in bytes. Grows (never shrinks) while requests run: a request's range is checked
     /// against the value loaded when it arrives; the bitmaps cover the new blocks before
     /// the new value is stored.
@@ -269,7 +273,7 @@ const EXTENT_BLOCKS: u64 = al::AL_EXTENT / BLOCK_SIZE;
 impl Volume {
     /// Creates the engine of a volume of `size` bytes. `replica` is the local replica (None
     /// when it is missing or its disk failed); `addresses` gives each peer's address (None
-    /// for this node).
+    /// while it is not known), asked again at every connection attempt.
     ///
     /// Loads the bitmaps; after an unclean shutdown, replays the activity log (its extents
     /// become out of sync against every peer); a replica created to replace a lost one is
@@ -280,7 +284,7 @@ impl Volume {
         ctx: Arc<NodeCtx>,
         replica: Option<Arc<Replica>>,
         replica_detail: String,
-        addresses: impl Fn(&str) -> Option<String>,
+        addresses: PeerAddresses,
     ) -> Arc<Volume> {
         let me = spec.replicas.iter().position(|r| *r == ctx.name).expect("volume must list this node");
         let n = spec.replicas.len();
@@ -291,7 +295,6 @@ impl Volume {
             .map(|(i, name)| {
                 (i != me).then(|| Link {
                     name: name.clone(),
-                    address: addresses(name),
                     inner: Mutex::new(LinkInner {
                         state: ReplicaState::Disconnected,
                         conn: None,
@@ -351,6 +354,7 @@ impl Volume {
             all_peers: (((1u64 << n) - 1) as u32) & !(1 << me),
             size: AtomicU64::new(size),
             spec,
+            addresses,
             me,
             ctx,
         })
@@ -760,6 +764,25 @@ impl Volume {
         true
     }
 
+    /// Takes write priority as the control plane assigns it (the volume's Lease: its
+    /// fencing epoch and holder). Only a newer epoch is adopted, durably; the engine then
+    /// refuses writes of older epochs from peers, and local writes unless `holder` is this
+    /// node. Returns false (and changes nothing) when `epoch` is not newer than the one this
+    /// node knows, or `holder` is empty.
+    pub fn set_priority(&self, epoch: u64, holder: &str) -> bool {
+        self.adopt_priority(epoch, holder)
+    }
+
+    /// The peers' addresses changed: every link that is not connected tries again now, at
+    /// the address looked up then.
+    pub fn peers_changed(&self) {
+        for link in self.links.iter().flatten() {
+            if link.inner.lock().unwrap().conn.is_none() {
+                link.retry_now.notify_one();
+            }
+        }
+    }
+
     /// Gives this node write priority with an epoch newer than any it knows of (its own and
     /// its connected peers'). Refused when no in-sync replica is reachable.
     pub fn promote(&self) -> Result<Priority, String> {
@@ -1066,7 +1089,8 @@ impl Volume {
         let mut backoff = Duration::from_millis(100);
         let mut first = true;
         while !self.stopping.load(Ordering::Acquire) {
-            let result = match &link.address {
+            let address = (self.addresses)(&link.name);
+            let result = match &address {
                 Some(addr) => {
                     PeerConn::connect(
                         &link.name,

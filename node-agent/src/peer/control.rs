@@ -11,8 +11,8 @@ use crate::engine::Volume;
 
 async fn call_peer(node: &Node, peer: &str, req: Request) -> Result<(), AgentError> {
     let perr = |message: String| AgentError::Peer { peer: peer.to_owned(), message };
-    let address = node.config.peer_address(peer).ok_or_else(|| perr("no address configured".into()))?;
-    let conn = PeerConn::establish(peer, address, &node.ctx.handshake, node.ctx.io_timeout)
+    let address = node.peer_address(peer).ok_or_else(|| perr("no address configured".into()))?;
+    let conn = PeerConn::establish(peer, &address, &node.ctx.handshake, node.ctx.io_timeout)
         .await
         .map_err(|e| perr(e.to_string()))?;
     let res = conn.call(req).await;
