@@ -1,4 +1,4 @@
-//! `peersan-node-agent --config node.yaml`: runs a node in standalone mode.
+//! `peersan-node-agent --config node.yaml` (standalone) or `peersan-node-agent --kubernetes` (configured by the Kubernetes API): runs a node.
 
 mod common;
 
@@ -6,7 +6,7 @@ use clap::Parser;
 use common::agent::{AgentArgs, run_agent};
 
 #[derive(Parser, Debug)]
-#[command(name = "peersan-node-agent", version, about = "peersan node agent (standalone mode)")]
+#[command(name = "peersan-node-agent", version, about = "peersan node agent")]
 struct Cli {
     #[command(flatten)]
     agent: AgentArgs,

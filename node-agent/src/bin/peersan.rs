@@ -31,7 +31,7 @@ enum Cmd {
     /// Show the node the agent runs as.
     Node,
     /// Run a node agent (the same as `peersan-node-agent`).
-    Agent(common::agent::AgentArgs),
+    Agent(Box<common::agent::AgentArgs>),
     /// Run the CSI controller (the same as `peersan-csi-controller`).
     CsiController(peersan_csi_driver::run::ControllerArgs),
     /// Run three agents on this machine and show mirroring, failover and resync.
@@ -93,7 +93,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::Demo { keep } => demo(keep),
-        Cmd::Agent(args) => common::agent::run_agent(args),
+        Cmd::Agent(args) => common::agent::run_agent(*args),
         Cmd::CsiController(args) => peersan_csi_driver::run::run(args),
         cmd => tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(client(&cli.socket, cmd)),
     }

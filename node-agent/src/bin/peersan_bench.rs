@@ -70,7 +70,7 @@ struct Args {
 enum Cmd {
     /// Run a node agent (the benchmark starts its agents this way).
     #[command(hide = true)]
-    Agent(common::agent::AgentArgs),
+    Agent(Box<common::agent::AgentArgs>),
     /// Run only the resync section (same as `--setups resync`).
     Resync,
 }
@@ -240,7 +240,7 @@ fn wait_for_socket(p: &Path) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let mut a = Args::parse();
     match a.cmd.take() {
-        Some(Cmd::Agent(args)) => return common::agent::run_agent(args),
+        Some(Cmd::Agent(args)) => return common::agent::run_agent(*args),
         Some(Cmd::Resync) => a.setups = vec!["resync".into()],
         None => {}
     }

@@ -3,24 +3,28 @@
 //! a node without needing the others to be built.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use peersan_node_agent::agent::Node;
 use peersan_node_agent::config::Config;
-use peersan_node_agent::csi::{self, StageRecords};
-use peersan_node_agent::frontend::Frontends;
-use peersan_node_agent::{api, nbd, peer};
+use peersan_node_agent::daemon::{self, Daemon};
+use peersan_node_agent::k8s::{self, KubeArgs};
 
-/// How to run a node agent.
+/// How to run a node agent: standalone from a configuration file (`--config`), or in
+/// Kubernetes mode (`--kubernetes`), configured by its SANNode.
 #[derive(Args, Debug)]
 pub struct AgentArgs {
-    /// Node configuration file (YAML).
-    #[arg(long, short, env = "PEERSAN_CONFIG")]
-    pub config: PathBuf,
-    /// Check the configuration and exit.
+    /// Node configuration file (YAML): standalone mode.
+    #[arg(long, short, env = "PEERSAN_CONFIG", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    pub config: Option<PathBuf>,
+    /// Kubernetes mode: the configuration comes from the node's SANNode, volumes from
+    /// MirrorVolumes, write priority from their Leases.
     #[arg(long)]
+    pub kubernetes: bool,
+    #[command(flatten)]
+    pub kube: KubeArgs,
+    /// Check the configuration and exit.
+    #[arg(long, requires = "config")]
     pub check: bool,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, env = "PEERSAN_LOG", default_value = "info")]
@@ -37,11 +41,21 @@ pub fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = Config::load(&args.config)?;
-    if args.check {
-        println!("{}: configuration is valid", args.config.display());
-        return Ok(());
-    }
+    let mode = match &args.config {
+        Some(path) => {
+            let config = Config::load(path)?;
+            if args.check {
+                println!("{}: configuration is valid", path.display());
+                return Ok(());
+            }
+            Mode::Standalone(config)
+        }
+        None => Mode::Kubernetes(args.kube.options()?),
+    };
+    let serves_csi = match &mode {
+        Mode::Standalone(c) => c.csi.is_some(),
+        Mode::Kubernetes(o) => o.csi_socket.is_some(),
+    };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.worker_threads {
         rt.worker_threads(n);
@@ -49,7 +63,7 @@ pub fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     // A process that serves its own loop devices (the FUSE frontend) must not be throttled
     // or blocked by writeback of those devices under memory pressure: its threads are
     // marked as I/O flushers (PR_SET_IO_FLUSHER, which needs CAP_SYS_RESOURCE).
-    if config.csi.is_some() {
+    if serves_csi {
         match peersan_node_agent::fuse::become_io_flusher() {
             Ok(()) => {
                 rt.on_thread_start(|| {
@@ -63,78 +77,22 @@ pub fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             ),
         }
     }
-    rt.enable_all().build()?.block_on(run(config))
+    let rt = rt.enable_all().build()?;
+    match mode {
+        Mode::Standalone(config) => rt.block_on(run(config)),
+        Mode::Kubernetes(opts) => Ok(rt.block_on(k8s::run(opts))?),
+    }
 }
 
-fn bind_unix(path: &std::path::Path) -> anyhow::Result<tokio::net::UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing stale socket {}", path.display())),
-    }
-    tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+enum Mode {
+    Standalone(Config),
+    Kubernetes(k8s::Options),
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let peer_listener = tokio::net::TcpListener::bind(config.listen.peer)
-        .await
-        .with_context(|| format!("listen.peer: cannot bind {}", config.listen.peer))?;
-    let node = Node::new(config).context("starting the node")?;
-    let cfg = node.config.clone();
-    tracing::info!(node = %cfg.node.name, peer = %cfg.listen.peer, volumes = node.volumes().len(), "node agent starting");
-
-    let hs = Arc::new(node.ctx.handshake.clone());
-    tokio::spawn(peer::server::serve(peer_listener, hs, node.clone()));
-    // Learn from peers whether local replicas missed writes before serving any I/O.
-    node.settle().await;
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let wait_stop = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let nbd_unix = bind_unix(&cfg.listen.nbd_unix).context("listen.nbd_unix")?;
-    let mut frontends = vec![tokio::spawn(nbd::serve_unix(nbd_unix, node.clone(), wait_stop(stop_rx.clone())))];
-    if let Some(addr) = cfg.listen.nbd_tcp {
-        let l =
-            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listen.nbd_tcp: cannot bind {addr}"))?;
-        frontends.push(tokio::spawn(nbd::serve_tcp(l, node.clone(), wait_stop(stop_rx.clone()))));
-    }
-    let api_listener = bind_unix(&cfg.listen.api).context("listen.api")?;
-    let api = tokio::spawn(api::serve(api_listener, node.clone(), wait_stop(stop_rx.clone())));
-    let csi = match &cfg.csi {
-        Some(c) => {
-            let listener = bind_unix(&c.socket).context("csi.socket")?;
-            let frontends = Arc::new(Frontends::new(c.fuse_dir(&cfg)));
-            let records = StageRecords::new(c.state_dir(&cfg));
-            tracing::info!(csi = %c.socket.display(), "serving CSI (Identity, Node)");
-            Some(tokio::spawn(csi::serve(listener, node.clone(), frontends, records, wait_stop(stop_rx.clone()))))
-        }
-        None => None,
-    };
-    tracing::info!(api = %cfg.listen.api.display(), nbd = %cfg.listen.nbd_unix.display(), "node agent ready");
-
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
-    let _ = stop_tx.send(true);
-    // Let the requests clients have in flight finish (mirrored as usual) before the
-    // engines stop: a write cut off half-way would mark peers out of sync for nothing.
-    for f in frontends {
-        let _ = f.await;
-    }
-    // Durable, stopped, bitmaps complete: the next start need not replay the activity log.
-    node.shutdown().await;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), api).await;
-    if let Some(csi) = csi {
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), csi).await;
-    }
-    let _ = std::fs::remove_file(&cfg.listen.api);
-    let _ = std::fs::remove_file(&cfg.listen.nbd_unix);
+    let peer_listener = daemon::bind_peer("listen.peer", config.listen.peer).await?;
+    let daemon = Daemon::start(config, peer_listener).await?;
+    daemon::terminated().await?;
+    daemon.shutdown().await;
     Ok(())
 }
