@@ -29,6 +29,7 @@ use kube::{Client, CustomResourceExt};
 use peersan_crds::mirrorvolume::{ReplicaState, ReplicaStatus};
 use peersan_crds::sannode::Peer;
 use peersan_crds::{ConditionStatus, MirrorVolume, SANNode};
+use peersan_node_agent::api::pb;
 use serde_json::json;
 
 const NS: &str = "peersan";
@@ -95,6 +96,27 @@ impl Agents {
     fn signal(&self, node: &str, sig: rustix::process::Signal) {
         let pid = self.children[node].id();
         rustix::process::kill_process(rustix::process::Pid::from_raw(pid as i32).unwrap(), sig).unwrap();
+    }
+
+    /// Waits until the agent exits by itself; its exit status.
+    async fn wait_exit(&mut self, node: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        let child = self.children.get_mut(node).unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.children.remove(node);
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agent {node} still runs after {WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The state of `replica` as the agent on `node` sees it (its agent API).
+    async fn replica_state(&self, node: &str, volume: &str, replica: &str) -> Option<String> {
+        let mut api = peersan_node_agent::api::connect(&self.node_dir(node).join("api.sock")).await.ok()?;
+        let v = api.get_volume(pb::GetVolumeRequest { name: volume.into() }).await.ok()?.into_inner();
+        v.replicas.into_iter().find(|r| r.node == replica).map(|r| r.state)
     }
 
     fn kill(&mut self, node: &str) {
@@ -391,6 +413,50 @@ async fn agents_follow_sannodes_mirrorvolumes_and_leases() {
     });
     qemu_io(&agents.nbd_uri("c", vol), &["write -P 0x66 90M 64k".into(), "flush".into()]);
     qemu_io(&agents.nbd_uri("a", vol), &["read -P 0x66 90M 64k".into()]);
+
+    // c's replication address changes: c needs a restart and exits non-zero (after a clean
+    // shutdown); started again, it binds the new address. a and b learn it from their
+    // SANNodes' peers, live, and reconnect to c there.
+    let mut moved = addresses.clone();
+    moved.insert("c", format!("127.0.0.13:{}", free_port("127.0.0.13")));
+    let c_spec = json!({ "spec": { "replicationAddress": moved["c"] } });
+    sannodes.patch("c", &PatchParams::default(), &Patch::Merge(c_spec)).await.unwrap();
+    let status = agents.wait_exit("c").await;
+    assert!(!status.success(), "c exited with {status} after its replicationAddress changed");
+    let log = std::fs::read_to_string(agents.log("c")).unwrap();
+    assert!(log.contains("needs a restart"), "c's log does not say why it exited:\n{log}");
+    for node in ["a", "b"] {
+        assert_eq!(agents.replica_state(node, vol, "c").await.as_deref(), Some("disconnected"), "{node}'s view of c");
+        let peers = sannode(node, &agents.pool(node), &moved).spec.peers;
+        let patch = json!({ "spec": { "peers": peers } });
+        sannodes.patch(node, &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
+    }
+    agents.start("c");
+    for node in ["a", "b"] {
+        wait_until!(agents, format!("{node} to reach c at its new address"), {
+            let s = agents.replica_state(node, vol, "c").await;
+            (s.as_deref() == Some("in-sync"), s)
+        });
+        let sn = wait_until!(agents, format!("SANNode {node} to observe its new peers"), {
+            let sn = sannodes.get(node).await.unwrap();
+            (sn.status.as_ref().and_then(|s| s.observed_generation) == sn.metadata.generation, sn)
+        });
+        assert_eq!(sn.metadata.generation, Some(2), "{node}'s spec changed once");
+    }
+    wait_until!(agents, "SANNode c Ready with its new address", {
+        let sn = sannodes.get("c").await.unwrap();
+        let ok = sn.status.as_ref().is_some_and(|s| {
+            s.observed_generation == sn.metadata.generation
+                && s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == ConditionStatus::True)
+        });
+        (ok, sn)
+    });
+    wait_until!(agents, "every replica in sync after c's restart", {
+        let mv = mvs.get_opt(vol).await.unwrap();
+        (all_entries(&mv, grown, 3, "c", &NODES), mv)
+    });
+    qemu_io(&agents.nbd_uri("c", vol), &["write -P 0x77 91M 64k".into(), "flush".into()]);
+    qemu_io(&agents.nbd_uri("b", vol), &["read -P 0x77 91M 64k".into(), "read -P 0x66 90M 64k".into()]);
 
     // Deletion: every replica file leaves its pool.
     mvs.delete(vol, &DeleteParams::default()).await.unwrap();

@@ -305,6 +305,26 @@ pub fn check_name(key: &str, name: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Checks a node name: a Kubernetes node name (a DNS subdomain): at most 253 characters,
+/// dot-separated labels of lowercase letters, digits and '-', each 1 to 63 characters long and
+/// starting and ending with a letter or digit (`node-a`, `worker-1.example.com`).
+pub fn check_node_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > 253 {
+        return Err(invalid(key, format!("{name:?} must be 1 to 253 characters long")));
+    }
+    for label in name.split('.') {
+        check_name(key, label).map_err(|_| {
+            invalid(
+                key,
+                format!(
+                    "{name:?} must be dot-separated parts of 1 to 63 lowercase letters, digits and '-', each starting and ending with a letter or digit"
+                ),
+            )
+        })?;
+    }
+    Ok(())
+}
+
 /// Checks a volume definition against the set of known node names.
 pub fn check_volume(key: &str, v: &VolumeConfig, known_nodes: &BTreeSet<&str>, me: &str) -> Result<(), ConfigError> {
     check_name(&format!("{key}.name"), &v.name)?;
@@ -360,7 +380,7 @@ impl Config {
 
     /// Checks every value; the error names the key and the problem.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check_name("node.name", &self.node.name)?;
+        check_node_name("node.name", &self.node.name)?;
         if !self.pool.path.is_absolute() {
             return Err(invalid("pool.path", format!("{} must be an absolute path", self.pool.path.display())));
         }
@@ -390,7 +410,7 @@ impl Config {
         }
         let mut nodes = BTreeSet::from([self.node.name.as_str()]);
         for (i, p) in self.peers.iter().enumerate() {
-            check_name(&format!("peers[{i}].name"), &p.name)?;
+            check_node_name(&format!("peers[{i}].name"), &p.name)?;
             if !nodes.insert(p.name.as_str()) {
                 return Err(invalid(format!("peers[{i}].name"), format!("{:?} is this node or another peer", p.name)));
             }
@@ -458,6 +478,19 @@ resync: { rate: 20MiB }
         assert!(e.contains("unknown field `secrte`"), "{e}");
         let e = err(&GOOD.replace("size: 64MiB", "size: 64MiB, sise: 3"));
         assert!(e.contains("unknown field `sise`"), "{e}");
+    }
+
+    #[test]
+    fn node_names_are_kubernetes_node_names() {
+        let c = Config::parse(
+            &GOOD.replace("name: a }", "name: worker-1.example.com }").replace("[a, b]", "[worker-1.example.com, b]"),
+        )
+        .unwrap();
+        assert_eq!(c.node.name, "worker-1.example.com");
+        for bad in ["a..b", ".a", "a.", "a_b", "a.-b"] {
+            let e = err(&GOOD.replace("name: a }", &format!("name: \"{bad}\" }}")));
+            assert!(e.contains("node.name"), "{bad}: {e}");
+        }
     }
 
     #[test]

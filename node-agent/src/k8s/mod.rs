@@ -417,3 +417,99 @@ impl<T> Drop for AbortOnDrop<T> {
         self.0.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> Options {
+        Options {
+            node: "a".into(),
+            namespace: "peersan".into(),
+            csi_socket: None,
+            secret_file: "/etc/peersan/peer-secret".into(),
+            api_socket: "/run/peersan/api.sock".into(),
+            nbd_socket: "/run/peersan/nbd.sock".into(),
+            lease_duration: Duration::from_secs(40),
+            status_interval: Duration::from_secs(2),
+            csi_state_dir: None,
+            fuse_dir: None,
+        }
+    }
+
+    fn sannode(spec: serde_json::Value) -> SANNode {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "peersan.io/v1alpha1", "kind": "SANNode",
+            "metadata": { "name": "a", "generation": 3 },
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_complete_spec_makes_the_configuration() {
+        let sn = sannode(serde_json::json!({
+            "virtualSAN": "san", "pool": { "path": "/var/lib/peersan" },
+            "replicationAddress": "10.0.0.1:7700", "resyncRate": "50MiB",
+            "peers": [{ "name": "b", "address": "10.0.0.2:7700" }, { "name": "a", "address": "10.0.0.1:7700" }],
+        }));
+        let c = spec_config(&sn, &opts()).unwrap();
+        assert_eq!(c.listen.peer, "10.0.0.1:7700".parse().unwrap());
+        assert_eq!(c.pool.path, PathBuf::from("/var/lib/peersan"));
+        assert_eq!(c.resync.rate, ByteSize(50 << 20));
+        assert_eq!(c.peers.len(), 1, "this node is not its own peer: {:?}", c.peers);
+        assert_eq!((c.peers[0].name.as_str(), c.peers[0].address.as_str()), ("b", "10.0.0.2:7700"));
+        assert!(c.csi.is_none());
+        let v6 = sannode(serde_json::json!({
+            "virtualSAN": "san", "pool": { "path": "/p" }, "replicationAddress": "[fd00::1]:7700",
+        }));
+        assert_eq!(spec_config(&v6, &opts()).unwrap().listen.peer, "[fd00::1]:7700".parse().unwrap());
+    }
+
+    #[test]
+    fn specs_that_cannot_run_say_why() {
+        let no_address = sannode(serde_json::json!({ "virtualSAN": "san", "pool": { "path": "/p" } }));
+        assert_eq!(spec_config(&no_address, &opts()).unwrap_err().reason, "WaitingForAddress");
+        let device = sannode(serde_json::json!({
+            "virtualSAN": "san", "pool": { "device": "/dev/vdb" }, "replicationAddress": "10.0.0.1:7700",
+        }));
+        let e = spec_config(&device, &opts()).unwrap_err();
+        assert_eq!(e.reason, "UnsupportedPool");
+        assert!(e.message.contains("/dev/vdb"), "{}", e.message);
+        let name = sannode(serde_json::json!({
+            "virtualSAN": "san", "pool": { "path": "/p" }, "replicationAddress": "node-a.example:7700",
+        }));
+        assert_eq!(spec_config(&name, &opts()).unwrap_err().reason, "InvalidSpec");
+        let rate = sannode(serde_json::json!({
+            "virtualSAN": "san", "pool": { "path": "/p" }, "replicationAddress": "10.0.0.1:7700", "resyncRate": "fast",
+        }));
+        assert!(spec_config(&rate, &opts()).unwrap_err().message.contains("resyncRate"));
+    }
+
+    #[test]
+    fn only_address_and_pool_changes_need_a_restart() {
+        let base = serde_json::json!({
+            "virtualSAN": "san", "pool": { "path": "/p" }, "replicationAddress": "10.0.0.1:7700",
+            "peers": [{ "name": "b", "address": "10.0.0.2:7700" }],
+        });
+        let running = sannode(base.clone());
+        let mut peers = base.clone();
+        peers["peers"] = serde_json::json!([{ "name": "b", "address": "10.0.0.9:7700" }, { "name": "c", "address": "10.0.0.3:7700" }]);
+        assert_eq!(restart_needed(&running, &sannode(peers)), None);
+        let mut moved = base.clone();
+        moved["replicationAddress"] = "10.0.0.5:7700".into();
+        assert_eq!(restart_needed(&running, &sannode(moved)).unwrap().0, "replicationAddress");
+        let mut pool = base;
+        pool["pool"] = serde_json::json!({ "path": "/q" });
+        assert_eq!(restart_needed(&running, &sannode(pool)).unwrap().0, "pool");
+    }
+
+    #[test]
+    fn lease_durations_are_whole_seconds() {
+        assert_eq!(parse_lease_duration("40s").unwrap(), Duration::from_secs(40));
+        assert_eq!(parse_lease_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_lease_duration("500ms").is_err());
+        assert!(parse_lease_duration("1500ms").is_err());
+        assert!(parse_lease_duration("0s").is_err());
+    }
+}

@@ -21,8 +21,6 @@ pub struct AgentArgs {
     /// MirrorVolumes, write priority from their Leases.
     #[arg(long)]
     pub kubernetes: bool,
-    #[command(flatten)]
-    pub kube: KubeArgs,
     /// Check the configuration and exit.
     #[arg(long, requires = "config")]
     pub check: bool,
@@ -32,6 +30,8 @@ pub struct AgentArgs {
     /// Worker threads of the runtime (default: one per CPU).
     #[arg(long, env = "PEERSAN_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    #[command(flatten)]
+    pub kube: KubeArgs,
 }
 
 /// Runs a node until SIGTERM or Ctrl-C.
