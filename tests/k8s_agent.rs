@@ -333,7 +333,7 @@ async fn agents_follow_sannodes_mirrorvolumes_and_leases() {
         "spec": { "virtualSAN": "san", "sizeBytes": 64 * MIB, "replicas": ["a", "b", "c"] },
     }))
     .unwrap();
-    mvs.create(&PostParams::default(), &mv).await.unwrap();
+    // The Lease first: the engines take it when they start.
     let lease_name = peersan_crds::lease::volume_lease_name(vol).unwrap();
     let vol_lease: Lease = serde_json::from_value(json!({
         "metadata": { "name": lease_name, "annotations": { peersan_crds::lease::EPOCH_ANNOTATION: "1" } },
@@ -341,6 +341,7 @@ async fn agents_follow_sannodes_mirrorvolumes_and_leases() {
     }))
     .unwrap();
     leases.create(&PostParams::default(), &vol_lease).await.unwrap();
+    mvs.create(&PostParams::default(), &mv).await.unwrap();
     let size = 64 * MIB as i64;
     wait_until!(agents, "every replica in sync, 64 MiB, epoch 1, writer a", {
         let mv = mvs.get_opt(vol).await.unwrap();
@@ -457,6 +458,23 @@ async fn agents_follow_sannodes_mirrorvolumes_and_leases() {
     });
     qemu_io(&agents.nbd_uri("c", vol), &["write -P 0x77 91M 64k".into(), "flush".into()]);
     qemu_io(&agents.nbd_uri("b", vol), &["read -P 0x77 91M 64k".into(), "read -P 0x66 90M 64k".into()]);
+
+    // A volume larger than a pool: the replica is not created, and the entry says why.
+    let huge: MirrorVolume = serde_json::from_value(json!({
+        "apiVersion": "peersan.io/v1alpha1", "kind": "MirrorVolume",
+        "metadata": { "name": "huge" },
+        "spec": { "virtualSAN": "san", "sizeBytes": 1i64 << 50, "replicas": ["a"] },
+    }))
+    .unwrap();
+    mvs.create(&PostParams::default(), &huge).await.unwrap();
+    let seen = wait_until!(agents, "a to report that it cannot hold the huge volume", {
+        let mv = mvs.get_opt("huge").await.unwrap();
+        (entry(&mv, "a").is_some_and(|e| e.state == ReplicaState::Diskless), mv)
+    });
+    let detail = entry(&seen, "a").unwrap().detail.clone().unwrap_or_default();
+    assert!(detail.contains("cannot create the replica on a"), "{detail}");
+    assert!(!agents.pool("a").join("huge.replica").exists());
+    mvs.delete("huge", &DeleteParams::default()).await.unwrap();
 
     // Deletion: every replica file leaves its pool.
     mvs.delete(vol, &DeleteParams::default()).await.unwrap();

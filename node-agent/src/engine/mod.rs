@@ -773,6 +773,12 @@ impl Volume {
         self.adopt_priority(epoch, holder)
     }
 
+    /// Resolves at the engine's next change of state (a replica's state, write priority,
+    /// size, a resync starting or ending), for those who report it.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
     /// The peers' addresses changed: every link that is not connected tries again now, at
     /// the address looked up then.
     pub fn peers_changed(&self) {

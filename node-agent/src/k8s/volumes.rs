@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -84,11 +85,23 @@ where
     (store, AbortOnDrop(task))
 }
 
+/// How long a volume that could not be made to match its MirrorVolume waits before the next
+/// attempt (unless its MirrorVolume's spec changes).
+const RETRY_EVERY: Duration = Duration::from_secs(5);
+
+/// A volume that does not match its MirrorVolume.
+struct Problem {
+    message: String,
+    /// The MirrorVolume's generation when it was found.
+    generation: Option<i64>,
+    at: Instant,
+}
+
 /// What the loop remembers between passes.
 #[derive(Default)]
 struct Memory {
     /// Why a volume does not match its MirrorVolume (logged when it changes).
-    problems: BTreeMap<String, String>,
+    problems: BTreeMap<String, Problem>,
     /// Invalid epoch annotations already logged: (Lease, resourceVersion).
     bad_leases: BTreeSet<(String, String)>,
     /// Status write errors already logged, by volume.
@@ -110,8 +123,16 @@ pub async fn run(client: Client, opts: Options, node: Arc<Node>) {
     let mut memory = Memory::default();
     loop {
         sync.pass(&mut memory).await;
+        let volumes = sync.node.volumes();
+        let engine_changed = async {
+            if volumes.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            futures::future::select_all(volumes.iter().map(|v| Box::pin(v.changed()))).await;
+        };
         tokio::select! {
             _ = wake.notified() => {}
+            _ = engine_changed => {}
             _ = tokio::time::sleep(sync.opts.status_interval) => {}
         }
     }
@@ -140,17 +161,21 @@ impl Reconciler {
 
         for mv in &mine {
             let Some(name) = mv.metadata.name.as_deref() else { continue };
+            let generation = mv.metadata.generation;
+            if memory.problems.get(name).is_some_and(|p| p.generation == generation && p.at.elapsed() < RETRY_EVERY) {
+                continue;
+            }
             match self.ensure(name, mv).await {
                 Ok(()) => {
                     if memory.problems.remove(name).is_some() {
                         tracing::info!(volume = %name, "the replica matches its MirrorVolume again");
                     }
                 }
-                Err(problem) => {
-                    if memory.problems.get(name) != Some(&problem) {
-                        tracing::warn!(volume = %name, %problem, "the replica does not match its MirrorVolume");
+                Err(message) => {
+                    if memory.problems.get(name).is_none_or(|p| p.message != message) {
+                        tracing::warn!(volume = %name, problem = %message, "the replica does not match its MirrorVolume");
                     }
-                    memory.problems.insert(name.to_owned(), problem);
+                    memory.problems.insert(name.to_owned(), Problem { message, generation, at: Instant::now() });
                 }
             }
         }
@@ -183,7 +208,7 @@ impl Reconciler {
 
         for mv in &mine {
             let Some(name) = mv.metadata.name.as_deref() else { continue };
-            let problem = memory.problems.get(name).map(String::as_str);
+            let problem = memory.problems.get(name).map(|p| p.message.as_str());
             let entry = match (self.node.get(name), problem) {
                 (Some(v), p) => replica_entry(self.me(), &v, p),
                 (None, Some(p)) => missing_entry(self.me(), p),
