@@ -29,6 +29,9 @@ use kube::{Client, CustomResourceExt};
 use peersan_crds::mirrorvolume::{ReplicaState, ReplicaStatus};
 use peersan_crds::sannode::Peer;
 use peersan_crds::{ConditionStatus, MirrorVolume, SANNode};
+use peersan_csi_driver::pb as csi;
+use peersan_csi_driver::pb::identity_client::IdentityClient;
+use peersan_csi_driver::pb::node_client::NodeClient;
 use peersan_node_agent::api::pb;
 use serde_json::json;
 
@@ -71,6 +74,12 @@ impl Agents {
             .arg("--nbd-socket")
             .arg(d.join("nbd.sock"))
             .args(["--lease-duration", "2s", "--status-interval", "200ms"])
+            .arg("--csi-socket")
+            .arg(d.join("csi.sock"))
+            .arg("--csi-state-dir")
+            .arg(d.join("csi-state"))
+            .arg("--fuse-dir")
+            .arg(d.join("fuse"))
             .env("KUBECONFIG", &self.kubeconfig)
             .env("PEERSAN_LOG", "info,peersan_node_agent=debug")
             .env_remove("NODE_NAME")
@@ -322,6 +331,17 @@ async fn agents_follow_sannodes_mirrorvolumes_and_leases() {
         assert!(pool.capacity_bytes > 0 && pool.free_bytes > 0, "{pool:?}");
         assert_eq!(s.agent_version.as_deref(), Some(env!("CARGO_PKG_VERSION")));
         assert_eq!(s.volumes, Some(0));
+
+        // The CSI Identity and Node services are served, as in standalone mode.
+        let channel = peersan_csi_driver::serve::channel(&agents.node_dir(node).join("csi.sock")).await.unwrap();
+        let info = IdentityClient::new(channel.clone())
+            .get_plugin_info(csi::GetPluginInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.name, peersan_crds::CSI_DRIVER_NAME);
+        let node_info = NodeClient::new(channel).node_get_info(csi::NodeGetInfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(node_info.node_id, node);
     }
 
     // The CSI controller's part: a MirrorVolume on a, b, c and its Lease (holder a, epoch 1).
