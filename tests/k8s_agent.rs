@@ -290,15 +290,24 @@ async fn agents_follow_sannodes_mirrorvolumes_and_leases() {
         .map(|(n, ip)| (*n, format!("{ip}:{}", free_port(ip))))
         .collect();
     let sannodes: Api<SANNode> = Api::all(client.clone());
-    for node in NODES {
-        sannodes.create(&PostParams::default(), &sannode(node, &agents.pool(node), &addresses)).await.unwrap();
-    }
+    // The agents start before their SANNodes exist: they wait for them, and their heartbeats
+    // run from the start.
     for node in NODES {
         agents.start(node);
     }
-
-    // Heartbeats: each Lease exists and its renewTime advances.
     let leases: Api<Lease> = Api::namespaced(client.clone(), NS);
+    for node in NODES {
+        let name = peersan_crds::lease::node_lease_name(node).unwrap();
+        wait_until!(agents, format!("heartbeat Lease {name} before any SANNode exists"), {
+            let l = leases.get_opt(&name).await.unwrap();
+            (l.is_some(), l)
+        });
+    }
+    for node in NODES {
+        sannodes.create(&PostParams::default(), &sannode(node, &agents.pool(node), &addresses)).await.unwrap();
+    }
+
+    // Heartbeats: each Lease is held by its node and its renewTime advances.
     for node in NODES {
         let name = peersan_crds::lease::node_lease_name(node).unwrap();
         let first = wait_until!(agents, format!("heartbeat Lease {name}"), {
@@ -518,4 +527,10 @@ async fn agents_follow_sannodes_mirrorvolumes_and_leases() {
     }
     let b_now = renew_time(&leases.get_opt(&b_name).await.unwrap()).unwrap();
     assert_eq!(b_now, b_last, "the heartbeat of the killed agent b was renewed");
+
+    // SIGTERM: a clean shutdown and a successful exit.
+    agents.signal("a", rustix::process::Signal::TERM);
+    let status = agents.wait_exit("a").await;
+    assert!(status.success(), "a exited with {status} after SIGTERM");
+    assert!(!agents.node_dir("a").join("nbd.sock").exists(), "a left its NBD socket behind");
 }
