@@ -444,6 +444,29 @@ async fn agents_follow_sannodes_mirrorvolumes_and_leases() {
     qemu_io(&agents.nbd_uri("c", vol), &["write -P 0x66 90M 64k".into(), "flush".into()]);
     qemu_io(&agents.nbd_uri("a", vol), &["read -P 0x66 90M 64k".into()]);
 
+    // A Lease whose epoch is not an epoch is ignored (and logged): nothing changes.
+    let mut l = leases.get(&lease_name).await.unwrap();
+    l.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(peersan_crds::lease::EPOCH_ANNOTATION.to_owned(), "four".to_owned());
+    l.spec.get_or_insert_default().holder_identity = Some("a".to_owned());
+    leases.replace(&lease_name, &PostParams::default(), &l).await.unwrap();
+    for node in NODES {
+        let log = agents.log(node);
+        wait_until!(agents, format!("{node} to log the invalid epoch"), {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            (text.contains("ignoring the volume Lease: its epoch is invalid"), log.clone())
+        });
+    }
+    let mv = mvs.get_opt(vol).await.unwrap();
+    assert!(all_entries(&mv, grown, 3, "c", &NODES), "an invalid Lease changed write priority: {mv:#?}");
+    move_lease(&leases, &lease_name, "c", 4).await;
+    wait_until!(agents, "every replica at epoch 4, writer c", {
+        let mv = mvs.get_opt(vol).await.unwrap();
+        (all_entries(&mv, grown, 4, "c", &NODES), mv)
+    });
+
     // c's replication address changes: c needs a restart and exits non-zero (after a clean
     // shutdown); started again, it binds the new address. a and b learn it from their
     // SANNodes' peers, live, and reconnect to c there.
@@ -483,7 +506,7 @@ async fn agents_follow_sannodes_mirrorvolumes_and_leases() {
     });
     wait_until!(agents, "every replica in sync after c's restart", {
         let mv = mvs.get_opt(vol).await.unwrap();
-        (all_entries(&mv, grown, 3, "c", &NODES), mv)
+        (all_entries(&mv, grown, 4, "c", &NODES), mv)
     });
     qemu_io(&agents.nbd_uri("c", vol), &["write -P 0x77 91M 64k".into(), "flush".into()]);
     qemu_io(&agents.nbd_uri("b", vol), &["read -P 0x77 91M 64k".into(), "read -P 0x66 90M 64k".into()]);

@@ -45,6 +45,20 @@ pub fn replica_manager(node: &str) -> String {
     format!("{NODE_MANAGER}-{node}")
 }
 
+/// How long one status write may take before it is given up (and tried again at the next
+/// check): a slow API server must not hold up the agent's other work.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A request to the API server, given up after [`WRITE_TIMEOUT`].
+pub(crate) async fn bounded<T>(
+    request: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(WRITE_TIMEOUT, request).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer from the API server within {WRITE_TIMEOUT:?}")),
+    }
+}
+
 /// How long a spec that could not start (its address cannot be bound yet) waits before the
 /// next attempt.
 const START_RETRY: Duration = Duration::from_secs(5);

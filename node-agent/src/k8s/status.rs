@@ -11,7 +11,7 @@ use peersan_crds::mirrorvolume::{ReplicaState as CrdState, ReplicaStatus};
 use peersan_crds::sannode::{InterfaceAddress, PoolUsage, condition};
 use peersan_crds::{Condition, ConditionStatus, SANNode, SANNodeStatus};
 
-use super::{KubeError, NODE_MANAGER};
+use super::{KubeError, NODE_MANAGER, bounded};
 use crate::agent::Node;
 use crate::daemon::DaemonError;
 use crate::engine::{ReplicaState, Volume};
@@ -196,15 +196,15 @@ impl NodeReporter {
             "metadata": { "name": self.node },
             "status": status,
         });
-        match self.api.patch_status(&self.node, &PatchParams::apply(NODE_MANAGER).force(), &Patch::Apply(&body)).await {
+        let params = PatchParams::apply(NODE_MANAGER).force();
+        match bounded(self.api.patch_status(&self.node, &params, &Patch::Apply(&body))).await {
             Ok(_) => {
                 if self.last_error.take().is_some() {
                     tracing::info!(sannode = %self.node, "SANNode status written again");
                 }
                 self.last = Some((Instant::now(), status));
             }
-            Err(e) => {
-                let msg = e.to_string();
+            Err(msg) => {
                 if self.last_error.as_ref() != Some(&msg) {
                     tracing::warn!(sannode = %self.node, error = %msg, "cannot write the SANNode status; retrying");
                 }

@@ -30,7 +30,7 @@ use peersan_crds::mirrorvolume::{BLOCK_SIZE, ReplicaStatus};
 use tokio::sync::Notify;
 
 use super::status::{missing_entry, replica_entry};
-use super::{AbortOnDrop, Options, replica_manager};
+use super::{AbortOnDrop, Options, WRITE_TIMEOUT, replica_manager};
 use crate::agent::{AgentError, Node};
 
 /// Write priority as a volume Lease gives it.
@@ -299,23 +299,29 @@ impl Reconciler {
             "metadata": { "name": name },
             "status": { "replicas": [entry] },
         });
-        match self.mvs.patch_status(name, &PatchParams::apply(&self.manager).force(), &Patch::Apply(&body)).await {
-            Ok(_) => {
+        let params = PatchParams::apply(&self.manager).force();
+        let written = tokio::time::timeout(WRITE_TIMEOUT, self.mvs.patch_status(name, &params, &Patch::Apply(&body)))
+            .await
+            .map_err(|_| format!("no answer from the API server within {WRITE_TIMEOUT:?}"));
+        match written {
+            Ok(Ok(_)) => {
                 if memory.write_errors.remove(name).is_some() {
                     tracing::info!(volume = %name, "replica status written again");
                 }
                 tracing::debug!(volume = %name, state = ?entry.state, epoch = ?entry.epoch, "replica status written");
             }
             // Deleted meanwhile: the next pass deletes the replica.
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => {
-                let msg = e.to_string();
-                if memory.write_errors.get(name) != Some(&msg) {
-                    tracing::warn!(volume = %name, error = %msg, "cannot write the replica status; trying again");
-                }
-                memory.write_errors.insert(name.to_owned(), msg);
-            }
+            Ok(Err(kube::Error::Api(e))) if e.code == 404 => {}
+            Ok(Err(e)) => self.write_failed(name, e.to_string(), memory),
+            Err(msg) => self.write_failed(name, msg, memory),
         }
+    }
+
+    fn write_failed(&self, name: &str, msg: String, memory: &mut Memory) {
+        if memory.write_errors.get(name) != Some(&msg) {
+            tracing::warn!(volume = %name, error = %msg, "cannot write the replica status; trying again");
+        }
+        memory.write_errors.insert(name.to_owned(), msg);
     }
 }
 
