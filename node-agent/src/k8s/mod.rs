@@ -325,6 +325,7 @@ async fn run_node(client: Client, opts: &Options) -> Result<(), KubeError> {
 
     // Until a spec can run: report why not, with the node's addresses (the operator picks
     // the replication address among them).
+    let mut follower_alive = true;
     let mut waiting_logged = false;
     let mut tried: Option<Arc<SANNode>> = None;
     let mut not_ready: Option<NotReady> = None;
@@ -369,7 +370,7 @@ async fn run_node(client: Client, opts: &Options) -> Result<(), KubeError> {
                 tracing::info!("terminated before the node started");
                 return Ok(());
             }
-            _ = spec_rx.changed() => {}
+            r = spec_rx.changed(), if follower_alive => follower_alive = r.is_ok(),
             _ = tick.tick() => {}
         }
     };
@@ -382,7 +383,12 @@ async fn run_node(client: Client, opts: &Options) -> Result<(), KubeError> {
         reporter.report(&NodeReport::running(generation, &node), &running).await;
         tokio::select! {
             r = &mut terminated => break r.map_err(KubeError::Signal),
-            _ = spec_rx.changed() => {
+            r = spec_rx.changed(), if follower_alive => {
+                if r.is_err() {
+                    tracing::error!(sannode = %opts.node, "following the SANNode stopped; the node keeps running with the spec it has");
+                    follower_alive = false;
+                    continue;
+                }
                 let Some(next) = spec_rx.borrow_and_update().clone() else {
                     tracing::warn!(sannode = %opts.node, "the SANNode was deleted; the node keeps running with the spec it has");
                     continue;
