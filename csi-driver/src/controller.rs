@@ -126,7 +126,7 @@ fn topology_node(t: &pb::Topology) -> Option<&str> {
     t.segments.get(crate::TOPOLOGY_NODE_KEY).map(String::as_str)
 }
 
-fn csi_volume(name: &str, size: u64, replicas: &[String], context: HashMap<String, String>) -> pb::Volume {
+pub(crate) fn csi_volume(name: &str, size: u64, replicas: &[String], context: HashMap<String, String>) -> pb::Volume {
     pb::Volume {
         capacity_bytes: size as i64,
         volume_id: name.to_owned(),
@@ -581,20 +581,7 @@ impl Controller for ControllerService {
             return Err(CsiError::InvalidArgument("volume_capabilities is required".into()).into());
         }
         self.find(name).await?;
-        let checked = params::capabilities("volume_capabilities", &r.volume_capabilities)
-            .and_then(|_| VolumeParams::parse(&r.parameters).map(|_| ()));
-        Ok(Response::new(match checked {
-            Ok(()) => pb::ValidateVolumeCapabilitiesResponse {
-                confirmed: Some(pb::validate_volume_capabilities_response::Confirmed {
-                    volume_context: r.volume_context,
-                    volume_capabilities: r.volume_capabilities,
-                    parameters: r.parameters,
-                    mutable_parameters: Default::default(),
-                }),
-                message: String::new(),
-            },
-            Err(e) => pb::ValidateVolumeCapabilitiesResponse { confirmed: None, message: e.to_string() },
-        }))
+        Ok(Response::new(validated(r)))
     }
 
     /// Lists the volumes of every reachable node, in name order, with the node each is
@@ -623,20 +610,8 @@ impl Controller for ControllerService {
                 }
             }
         }
-        let start: usize = if r.starting_token.is_empty() {
-            0
-        } else {
-            r.starting_token
-                .parse()
-                .ok()
-                .filter(|i| *i <= all.len())
-                .ok_or_else(|| CsiError::Aborted(format!("starting_token {:?} is not valid", r.starting_token)))?
-        };
-        let take = if r.max_entries == 0 { usize::MAX } else { r.max_entries as usize };
         let entries: Vec<pb::list_volumes_response::Entry> = all
             .values()
-            .skip(start)
-            .take(take)
             .map(|v| {
                 let mut replicas: Vec<String> = v.replicas.iter().map(|r| r.node.clone()).collect();
                 replicas.sort();
@@ -654,8 +629,7 @@ impl Controller for ControllerService {
                 }
             })
             .collect();
-        let end = start.saturating_add(entries.len());
-        let next_token = if end < all.len() { end.to_string() } else { String::new() };
+        let (entries, next_token) = page(entries, &r.starting_token, r.max_entries)?;
         Ok(Response::new(pb::ListVolumesResponse { entries, next_token }))
     }
 
@@ -672,22 +646,9 @@ impl Controller for ControllerService {
             params::capabilities("volume_capabilities", &r.volume_capabilities)?;
         }
         let p = VolumeParams::parse(&r.parameters)?;
-        let mut free: Vec<(String, u64)> =
+        let free: Vec<(String, u64)> =
             self.nodes_info().await.into_iter().filter_map(|(n, i)| i.ok().map(|i| (n, i.free_bytes))).collect();
-        free.sort_by_key(|f| std::cmp::Reverse(f.1));
-        let n = p.replicas as usize;
-        let available = match r.accessible_topology.as_ref().and_then(topology_node) {
-            Some(node) => match free.iter().position(|(name, _)| name == node) {
-                None => 0,
-                Some(i) => {
-                    let mine = free[i].1;
-                    let others: Vec<u64> = free.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, f)| f.1).collect();
-                    if n == 1 { mine } else { others.get(n - 2).map(|o| mine.min(*o)).unwrap_or(0) }
-                }
-            },
-            None => free.get(n - 1).map(|f| f.1).unwrap_or(0),
-        };
-        let available = available / SIZE_ALIGN * SIZE_ALIGN;
+        let available = capacity(free, p.replicas as usize, r.accessible_topology.as_ref());
         Ok(Response::new(pb::GetCapacityResponse {
             available_capacity: available as i64,
             maximum_volume_size: Some(available as i64),
@@ -699,25 +660,7 @@ impl Controller for ControllerService {
         &self,
         _: Request<pb::ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<pb::ControllerGetCapabilitiesResponse>, Status> {
-        use pb::controller_service_capability::rpc::Type;
-        let capabilities = [
-            Type::CreateDeleteVolume,
-            Type::PublishUnpublishVolume,
-            Type::ListVolumes,
-            Type::GetCapacity,
-            Type::PublishReadonly,
-            Type::ExpandVolume,
-            Type::ListVolumesPublishedNodes,
-            Type::VolumeCondition,
-        ]
-        .into_iter()
-        .map(|t| pb::ControllerServiceCapability {
-            r#type: Some(pb::controller_service_capability::Type::Rpc(pb::controller_service_capability::Rpc {
-                r#type: t as i32,
-            })),
-        })
-        .collect();
-        Ok(Response::new(pb::ControllerGetCapabilitiesResponse { capabilities }))
+        Ok(Response::new(capabilities()))
     }
 
     /// Grows every replica of the volume to the requested size (whole MiB), online.
@@ -775,8 +718,89 @@ pub fn condition(v: &apb::Volume) -> pb::VolumeCondition {
     pb::VolumeCondition { abnormal, message: format!("{}: {}", v.health, replicas.join(", ")) }
 }
 
+/// ValidateVolumeCapabilities' answer for an existing volume: the capabilities and
+/// parameters confirmed when peersan supports all of them, else a message saying why not.
+pub(crate) fn validated(r: pb::ValidateVolumeCapabilitiesRequest) -> pb::ValidateVolumeCapabilitiesResponse {
+    let checked = params::capabilities("volume_capabilities", &r.volume_capabilities)
+        .and_then(|_| VolumeParams::parse(&r.parameters).map(|_| ()));
+    match checked {
+        Ok(()) => pb::ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(pb::validate_volume_capabilities_response::Confirmed {
+                volume_context: r.volume_context,
+                volume_capabilities: r.volume_capabilities,
+                parameters: r.parameters,
+                mutable_parameters: Default::default(),
+            }),
+            message: String::new(),
+        },
+        Err(e) => pb::ValidateVolumeCapabilitiesResponse { confirmed: None, message: e.to_string() },
+    }
+}
+
+/// One page of ListVolumes: `entries` (in volume order) from `starting_token` (the index an
+/// earlier page returned; ABORTED for any other) for at most `max_entries` (0 = all).
+pub(crate) fn page<T>(entries: Vec<T>, starting_token: &str, max_entries: i32) -> CsiResult<(Vec<T>, String)> {
+    let total = entries.len();
+    let start: usize = if starting_token.is_empty() {
+        0
+    } else {
+        starting_token
+            .parse()
+            .ok()
+            .filter(|i| *i <= total)
+            .ok_or_else(|| CsiError::Aborted(format!("starting_token {starting_token:?} is not valid")))?
+    };
+    let take = if max_entries <= 0 { usize::MAX } else { max_entries as usize };
+    let page: Vec<T> = entries.into_iter().skip(start).take(take).collect();
+    let end = start.saturating_add(page.len());
+    Ok((page, if end < total { end.to_string() } else { String::new() }))
+}
+
+/// GetCapacity's answer from the free space of each node that can take a replica: the
+/// largest size, in whole MiB, of which `replicas` distinct nodes have room (including the
+/// node `topology` names, when it names one).
+pub(crate) fn capacity(mut free: Vec<(String, u64)>, replicas: usize, topology: Option<&pb::Topology>) -> u64 {
+    free.sort_by_key(|f| std::cmp::Reverse(f.1));
+    let n = replicas.max(1);
+    let available = match topology.and_then(topology_node) {
+        Some(node) => match free.iter().position(|(name, _)| name == node) {
+            None => 0,
+            Some(i) => {
+                let mine = free[i].1;
+                let others: Vec<u64> = free.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, f)| f.1).collect();
+                if n == 1 { mine } else { others.get(n - 2).map(|o| mine.min(*o)).unwrap_or(0) }
+            }
+        },
+        None => free.get(n - 1).map(|f| f.1).unwrap_or(0),
+    };
+    available / SIZE_ALIGN * SIZE_ALIGN
+}
+
+/// The Controller service's capabilities (the same in both modes).
+pub(crate) fn capabilities() -> pb::ControllerGetCapabilitiesResponse {
+    use pb::controller_service_capability::rpc::Type;
+    let capabilities = [
+        Type::CreateDeleteVolume,
+        Type::PublishUnpublishVolume,
+        Type::ListVolumes,
+        Type::GetCapacity,
+        Type::PublishReadonly,
+        Type::ExpandVolume,
+        Type::ListVolumesPublishedNodes,
+        Type::VolumeCondition,
+    ]
+    .into_iter()
+    .map(|t| pb::ControllerServiceCapability {
+        r#type: Some(pb::controller_service_capability::Type::Rpc(pb::controller_service_capability::Rpc {
+            r#type: t as i32,
+        })),
+    })
+    .collect();
+    pb::ControllerGetCapabilitiesResponse { capabilities }
+}
+
 /// Volume ids are the CSI names, which must also be valid peersan volume names.
-fn check_volume_name(name: &str) -> CsiResult<()> {
+pub(crate) fn check_volume_name(name: &str) -> CsiResult<()> {
     let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
     if name.len() > 63 || !name.chars().all(ok) || name.starts_with('-') || name.ends_with('-') {
         return Err(CsiError::InvalidArgument(format!(

@@ -6,6 +6,7 @@
 //! volumes' block devices.
 
 pub mod agent;
+pub mod cluster;
 pub mod controller;
 pub mod error;
 pub mod identity;

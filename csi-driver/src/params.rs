@@ -12,6 +12,10 @@ pub const PARAM_REPLICAS: &str = "replicas";
 /// StorageClass parameter: extra options for mkfs when the node formats the volume
 /// (e.g. `-E lazy_itable_init=0` or `-m 0`), split at whitespace.
 pub const PARAM_MKFS_OPTIONS: &str = "mkfsOptions";
+/// StorageClass parameter: the VirtualSAN whose nodes hold the volume's replicas (the
+/// StorageClass the operator creates for each VirtualSAN sets it). Required when the
+/// controller runs against Kubernetes; not used with a nodes file.
+pub const PARAM_VIRTUAL_SAN: &str = "virtualSAN";
 /// Prefix of the parameters that Kubernetes' external-provisioner adds or interprets
 /// itself; they are ignored.
 pub const RESERVED_PREFIX: &str = "csi.storage.k8s.io/";
@@ -29,13 +33,14 @@ pub const DEFAULT_FS: &str = "ext4";
 pub struct VolumeParams {
     pub replicas: u32,
     pub mkfs_options: Option<String>,
+    pub virtual_san: Option<String>,
 }
 
 impl VolumeParams {
     /// Parses and checks `parameters`; unknown keys are refused, naming the known ones, so
     /// that a typo in a StorageClass does not go unnoticed.
     pub fn parse(parameters: &HashMap<String, String>) -> CsiResult<VolumeParams> {
-        let mut p = VolumeParams { replicas: DEFAULT_REPLICAS, mkfs_options: None };
+        let mut p = VolumeParams { replicas: DEFAULT_REPLICAS, mkfs_options: None, virtual_san: None };
         for (k, v) in parameters {
             match k.as_str() {
                 PARAM_REPLICAS => {
@@ -56,10 +61,18 @@ impl VolumeParams {
                     }
                     p.mkfs_options = Some(v.clone()).filter(|s| !s.trim().is_empty());
                 }
+                PARAM_VIRTUAL_SAN => {
+                    if v.is_empty() {
+                        return Err(CsiError::InvalidArgument(format!(
+                            "parameter {PARAM_VIRTUAL_SAN}: must name a VirtualSAN"
+                        )));
+                    }
+                    p.virtual_san = Some(v.clone());
+                }
                 k if k.starts_with(RESERVED_PREFIX) => {}
                 k => {
                     return Err(CsiError::InvalidArgument(format!(
-                        "unknown parameter {k:?}; peersan's StorageClass parameters are {PARAM_REPLICAS} and {PARAM_MKFS_OPTIONS}"
+                        "unknown parameter {k:?}; peersan's StorageClass parameters are {PARAM_VIRTUAL_SAN}, {PARAM_REPLICAS} and {PARAM_MKFS_OPTIONS}"
                     )));
                 }
             }
@@ -73,6 +86,9 @@ impl VolumeParams {
         m.insert(PARAM_REPLICAS.to_owned(), self.replicas.to_string());
         if let Some(o) = &self.mkfs_options {
             m.insert(PARAM_MKFS_OPTIONS.to_owned(), o.clone());
+        }
+        if let Some(s) = &self.virtual_san {
+            m.insert(PARAM_VIRTUAL_SAN.to_owned(), s.clone());
         }
         m
     }
@@ -164,7 +180,11 @@ mod tests {
             ("csi.storage.k8s.io/pvc/name", "x"),
         ]))
         .unwrap();
-        assert_eq!(p, VolumeParams { replicas: 3, mkfs_options: Some("-m 0".into()) });
+        assert_eq!(p, VolumeParams { replicas: 3, mkfs_options: Some("-m 0".into()), virtual_san: None });
+        let san = VolumeParams::parse(&params(&[("virtualSAN", "fast")])).unwrap();
+        assert_eq!(san.virtual_san.as_deref(), Some("fast"));
+        assert_eq!(san.volume_context()["virtualSAN"], "fast");
+        assert!(VolumeParams::parse(&params(&[("virtualSAN", "")])).is_err());
         assert_eq!(p.volume_context()["mkfsOptions"], "-m 0");
         for bad in ["0", "4", "two", ""] {
             let e = VolumeParams::parse(&params(&[("replicas", bad)])).unwrap_err();

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
+use crate::cluster::ClusterController;
 use crate::controller::{ControllerService, NodeEndpoint, NodesFile};
 use crate::error::CsiError;
 use crate::identity::{IdentityService, Readiness};
@@ -20,9 +21,22 @@ pub struct ControllerArgs {
     /// CSI endpoint to serve: unix:///path/csi.sock or an absolute path.
     #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
     pub endpoint: String,
-    /// YAML file naming the node agents (`nodes: [{name, api}]`).
-    #[arg(long, env = "PEERSAN_NODES_FILE")]
-    pub nodes: PathBuf,
+    /// YAML file naming the node agents (`nodes: [{name, api}]`): volumes live on those
+    /// agents, which the controller drives directly (without Kubernetes).
+    #[arg(long, env = "PEERSAN_NODES_FILE", required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+    pub nodes: Option<PathBuf>,
+    /// Keep the volumes' state in the Kubernetes API (MirrorVolumes and write-priority
+    /// Leases); the node agents act on it. The client configuration comes from the
+    /// in-cluster service account or KUBECONFIG.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Namespace of the volumes' write-priority Leases (the one peersan is installed in).
+    #[arg(long, env = "POD_NAMESPACE", required_if_eq("kubernetes", "true"))]
+    pub namespace: Option<String>,
+    /// How long a call waits for the node agents to act on a change (create, publish,
+    /// expand) before it returns UNAVAILABLE and the caller retries.
+    #[arg(long, env = "PEERSAN_CSI_WAIT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub wait: std::time::Duration,
     /// Log filter when RUST_LOG is not set.
     #[arg(long, env = "PEERSAN_LOG", default_value = "info")]
     pub log_level: String,
@@ -31,10 +45,11 @@ pub struct ControllerArgs {
 impl ControllerArgs {
     /// Reads and checks the nodes file; errors name the file and the problem.
     pub fn nodes_file(&self) -> anyhow::Result<Vec<NodeEndpoint>> {
-        let text = std::fs::read_to_string(&self.nodes).with_context(|| format!("--nodes {}", self.nodes.display()))?;
+        let path = self.nodes.as_ref().context("--nodes is required without --kubernetes")?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("--nodes {}", path.display()))?;
         let f: NodesFile = serde_yaml::from_str(&text)
-            .with_context(|| format!("--nodes {}: not a valid nodes file", self.nodes.display()))?;
-        f.validate().map_err(|e| anyhow::anyhow!("--nodes {}: {e}", self.nodes.display()))?;
+            .with_context(|| format!("--nodes {}: not a valid nodes file", path.display()))?;
+        f.validate().map_err(|e| anyhow::anyhow!("--nodes {}: {e}", path.display()))?;
         Ok(f.nodes)
     }
 }
@@ -59,6 +74,20 @@ impl Readiness for AgentsReachable {
     }
 }
 
+/// Ready when the API server answers a list of MirrorVolumes.
+struct ApiReachable(kube::Api<peersan_crds::MirrorVolume>);
+
+#[tonic::async_trait]
+impl Readiness for ApiReachable {
+    async fn ready(&self) -> Result<bool, CsiError> {
+        self.0
+            .list_metadata(&kube::api::ListParams::default().limit(1))
+            .await
+            .map(|_| true)
+            .map_err(|e| CsiError::Unavailable(format!("the Kubernetes API server does not answer: {e}")))
+    }
+}
+
 /// Serves the Identity and Controller services until SIGTERM or Ctrl-C.
 pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -67,13 +96,21 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let nodes = args.nodes_file()?;
+    let nodes = if args.kubernetes { Vec::new() } else { args.nodes_file()? };
     let socket = serve::socket_path(&args.endpoint).map_err(|e| anyhow::anyhow!("--endpoint: {e}"))?;
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(async move {
         let listener = serve::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
-        tracing::info!(endpoint = %socket.display(), nodes = nodes.len(), "peersan CSI controller serving");
-        let identity = IdentityService::new(Arc::new(AgentsReachable(nodes.clone())));
-        let controller = ControllerService::new(nodes);
+        let (identity, with_agents, with_api) = if args.kubernetes {
+            let namespace = args.namespace.clone().context("--namespace is required with --kubernetes")?;
+            let client = kube::Client::try_default().await.context("connecting to the Kubernetes API server")?;
+            tracing::info!(endpoint = %socket.display(), %namespace, "peersan CSI controller serving (state in the Kubernetes API)");
+            let identity = IdentityService::new(Arc::new(ApiReachable(kube::Api::all(client.clone()))));
+            (identity, None, Some(ControllerServer::new(ClusterController::new(client, &namespace, args.wait))))
+        } else {
+            tracing::info!(endpoint = %socket.display(), nodes = nodes.len(), "peersan CSI controller serving");
+            let identity = IdentityService::new(Arc::new(AgentsReachable(nodes.clone())));
+            (identity, Some(ControllerServer::new(ControllerService::new(nodes))), None)
+        };
         let shutdown = async {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                 Ok(mut term) => {
@@ -91,7 +128,8 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<()> {
         };
         tonic::transport::Server::builder()
             .add_service(IdentityServer::new(identity))
-            .add_service(ControllerServer::new(controller))
+            .add_optional_service(with_agents)
+            .add_optional_service(with_api)
             .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
             .await
             .context("serving CSI")?;
