@@ -133,6 +133,14 @@ fn virtual_san_volume_lifecycle_and_write_priority() {
     let (a, b) = (replicas[0].clone(), replicas[1].clone());
     let outsider = names.iter().find(|n| !replicas.contains(&n.to_string())).unwrap().to_string();
     assert_eq!(c.write_priority(vol), Some((a.clone(), 1)), "the first replica holds write priority at epoch 1");
+    // The agents leave volumes and write priority to the control plane: their API refuses.
+    let out = Command::new(kube_cluster::peersan_bin())
+        .arg(format!("--socket={}", c.node(&b).api_socket().display()))
+        .args(["volume", "promote", vol])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("Kubernetes mode"), "promote through the agent API: {text}");
     // The same create again is the same volume.
     let again = c.block_on(csi.create_volume(create_request(vol, "fast", 64 * MIB))).expect("CreateVolume again");
     assert_eq!(again.into_inner().volume.unwrap().volume_id, vol);

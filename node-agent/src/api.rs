@@ -76,6 +76,7 @@ pub struct AgentService {
 #[tonic::async_trait]
 impl Agent for AgentService {
     async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        self.not_managed("CreateVolume")?;
         let r = req.into_inner();
         tracing::info!(volume = %r.name, size = r.size_bytes, replicas = ?r.replicas, "CreateVolume");
         let v = self.node.create_local(&r.name, r.size_bytes, &r.replicas).map_err(status)?;
@@ -100,6 +101,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        self.not_managed("DeleteVolume")?;
         let r = req.into_inner();
         tracing::info!(volume = %r.name, "DeleteVolume");
         let v = self.node.get(&r.name).ok_or_else(|| status(AgentError::NotFound(r.name.clone())))?;
@@ -123,6 +125,7 @@ impl Agent for AgentService {
     }
 
     async fn promote(&self, req: Request<pb::PromoteRequest>) -> Result<Response<pb::Volume>, Status> {
+        self.not_managed("Promote")?;
         let name = req.into_inner().name;
         tracing::info!(volume = %name, "Promote");
         let v = self.node.get(&name).ok_or_else(|| status(AgentError::NotFound(name)))?;
@@ -170,6 +173,7 @@ impl Agent for AgentService {
     }
 
     async fn expand_volume(&self, req: Request<pb::ExpandVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        self.not_managed("ExpandVolume")?;
         let r = req.into_inner();
         tracing::info!(volume = %r.name, size = r.size_bytes, "ExpandVolume");
         let node = self.node.clone();
@@ -182,6 +186,7 @@ impl Agent for AgentService {
     }
 
     async fn set_attachment(&self, req: Request<pb::SetAttachmentRequest>) -> Result<Response<pb::Volume>, Status> {
+        self.not_managed("SetAttachment")?;
         let r = req.into_inner();
         tracing::info!(volume = %r.name, node = %r.node, seq = r.seq, "SetAttachment");
         self.node.set_attachment(&r.name, &r.node, r.seq).map_err(status)?;
@@ -191,6 +196,21 @@ impl Agent for AgentService {
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.
+impl AgentService {
+    /// FAILED_PRECONDITION for a change the control plane owns, when the agent runs in
+    /// Kubernetes mode: there the MirrorVolume and the volume's Lease decide, and a change
+    /// made here would be undone (a volume without a MirrorVolume is deleted).
+    fn not_managed(&self, op: &str) -> Result<(), Status> {
+        if self.node.config.kubernetes {
+            return Err(Status::failed_precondition(format!(
+                "{op}: this node agent runs in Kubernetes mode; volumes and write priority are managed through \
+                 MirrorVolumes, their Leases and the CSI driver (kubectl), not the agent API"
+            )));
+        }
+        Ok(())
+    }
+}
+
 pub async fn serve(
     listener: tokio::net::UnixListener,
     node: Arc<Node>,

@@ -59,6 +59,11 @@ pub struct Config {
     /// The CSI Node service; absent = not served (standalone use without Kubernetes).
     #[serde(default)]
     pub csi: Option<CsiConfig>,
+    /// Set by Kubernetes mode (never read from a file): volumes are created, grown and
+    /// deleted from MirrorVolumes and write priority comes from Leases, so the agent API
+    /// refuses to change them itself.
+    #[serde(skip)]
+    pub kubernetes: bool,
 }
 
 /// Where the node agent serves CSI and keeps what staging set up.

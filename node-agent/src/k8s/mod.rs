@@ -242,6 +242,7 @@ pub fn spec_config(node: &SANNode, opts: &Options) -> Result<Config, NotReady> {
             state_dir: opts.csi_state_dir.clone(),
             fuse_dir: opts.fuse_dir.clone(),
         }),
+        kubernetes: true,
     };
     config.validate().map_err(|e| NotReady::new("InvalidSpec", e.to_string()))?;
     Ok(config)
