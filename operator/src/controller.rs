@@ -28,7 +28,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Owne
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -42,6 +41,7 @@ use tracing::{debug, info, warn};
 
 use crate::conditions::{self, Desired};
 use crate::error::{self, BLOCKED_RETRY, CONFLICT_RETRY, INVALID_SPEC_RETRY, is_conflict, is_not_found};
+use crate::events::{EventType, Recorder, Reporter};
 use crate::liveness::{self, Liveness};
 use crate::metrics::Metrics;
 use crate::volume::{self, describe, health_name};
@@ -55,6 +55,8 @@ pub const RESYNC_PERIOD: Duration = Duration::from_secs(60);
 const EXPIRY_SLACK: Duration = Duration::from_millis(200);
 /// How often a write-priority move is retried after conflicts before giving up for now.
 const LEASE_ATTEMPTS: usize = 5;
+/// How often a waiter for a cache looks again.
+const READY_POLL: Duration = Duration::from_millis(250);
 
 /// Event reasons (on the VirtualSAN, or on the MirrorVolume for volume events).
 pub mod reason {
@@ -94,14 +96,27 @@ pub struct Stores {
 impl Stores {
     /// Waits until every cache holds its initial list.
     pub async fn wait_ready(&self) -> Result<(), Error> {
-        let unavailable = |what| move |_| Error::CacheUnavailable(what);
-        self.virtual_sans.wait_until_ready().await.map_err(unavailable("VirtualSANs"))?;
-        self.nodes.wait_until_ready().await.map_err(unavailable("Nodes"))?;
-        self.san_nodes.wait_until_ready().await.map_err(unavailable("SANNodes"))?;
-        self.volumes.wait_until_ready().await.map_err(unavailable("MirrorVolumes"))?;
-        self.leases.wait_until_ready().await.map_err(unavailable("Leases"))?;
-        self.storage_classes.wait_until_ready().await.map_err(unavailable("StorageClasses"))?;
-        Ok(())
+        wait_store(&self.virtual_sans, "VirtualSANs").await?;
+        wait_store(&self.nodes, "Nodes").await?;
+        wait_store(&self.san_nodes, "SANNodes").await?;
+        wait_store(&self.volumes, "MirrorVolumes").await?;
+        wait_store(&self.leases, "Leases").await?;
+        wait_store(&self.storage_classes, "StorageClasses").await
+    }
+}
+
+/// Waits until `store` holds its initial list. A store wakes only the last of several
+/// waiters, so every waiter polls again now and then; once filled, a store answers at once.
+async fn wait_store<K>(store: &Store<K>, what: &'static str) -> Result<(), Error>
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        match tokio::time::timeout(READY_POLL, store.wait_until_ready()).await {
+            Ok(result) => return result.map_err(|_| Error::CacheUnavailable(what)),
+            Err(_) => continue,
+        }
     }
 }
 
@@ -115,13 +130,18 @@ struct Memory {
     next_check: HashMap<String, Duration>,
     /// Nodes whose heartbeat Lease was seen, and whether they were online at the last look.
     heartbeats: HashMap<String, bool>,
+    /// Replica entries (volume, node) set to `disconnected` during their node's current
+    /// offline period. They are not set again until the node was seen online: an agent
+    /// that returns writes its entry once, possibly before its renewed heartbeat reaches
+    /// the cache, and must not be overwritten then.
+    disconnected: HashSet<(String, String)>,
 }
 
 /// Everything a reconciliation needs.
 pub struct Context {
     /// API client.
     pub client: Client,
-    /// Publishes Events (events.k8s.io/v1).
+    /// Publishes Events (events.k8s.io/v1; about cluster-scoped objects in `kube-system`).
     pub recorder: Recorder,
     /// Metrics.
     pub metrics: Arc<Metrics>,
@@ -619,6 +639,8 @@ async fn apply(vsan: &VirtualSAN, ctx: &Context, deleting_with: Option<&[String]
             }
         }
         memory.next_check.insert(name.clone(), next);
+        let volumes = &ctx.stores.volumes;
+        memory.disconnected.retain(|(v, _)| volumes.get(&ObjectRef::new(v)).is_some());
     }
     ctx.metrics.set_nodes_offline(&name, offline);
 
@@ -820,10 +842,8 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
-    let event =
-        Event { type_, reason: reason.to_owned(), note: Some(note), action: reason.to_owned(), secondary: None };
-    info!(object = %regarding.meta().name.as_deref().unwrap_or_default(), reason, note = event.note.as_deref().unwrap_or_default(), "event");
-    if let Err(e) = ctx.recorder.publish(&event, &regarding.object_ref(&())).await {
+    info!(object = %regarding.meta().name.as_deref().unwrap_or_default(), reason, %note, "event");
+    if let Err(e) = ctx.recorder.publish(regarding, type_, reason, note).await {
         warn!(reason, error = %e, "publishing an event failed");
     }
 }
@@ -1174,15 +1194,24 @@ async fn reconcile_volume(ctx: &Context, v: &MirrorVolume, hb: &Heartbeats<'_>) 
 /// status apply, which never lists replicas, cannot remove it.
 async fn mark_disconnected(ctx: &Context, v: &MirrorVolume, hb: &Heartbeats<'_>) -> Result<(), Error> {
     let Some(status) = &v.status else { return Ok(()) };
+    let volume = v.name_any();
     let mut ops = Vec::new();
     let mut nodes = Vec::new();
-    for (i, e) in status.replicas.iter().enumerate() {
-        if e.state != ReplicaState::Disconnected && hb.liveness(&e.node) == Liveness::Offline {
-            ops.push(json!({ "op": "test", "path": format!("/status/replicas/{i}/node"), "value": e.node }));
-            ops.push(
-                json!({ "op": "replace", "path": format!("/status/replicas/{i}/state"), "value": "disconnected" }),
-            );
-            nodes.push(e.node.as_str());
+    {
+        let mut memory = ctx.memory();
+        for (i, e) in status.replicas.iter().enumerate() {
+            let key = (volume.clone(), e.node.clone());
+            if hb.liveness(&e.node) != Liveness::Offline {
+                memory.disconnected.remove(&key);
+            } else if e.state == ReplicaState::Disconnected {
+                memory.disconnected.insert(key);
+            } else if !memory.disconnected.contains(&key) {
+                ops.push(json!({ "op": "test", "path": format!("/status/replicas/{i}/node"), "value": e.node }));
+                ops.push(
+                    json!({ "op": "replace", "path": format!("/status/replicas/{i}/state"), "value": "disconnected" }),
+                );
+                nodes.push(e.node.clone());
+            }
         }
     }
     if ops.is_empty() {
@@ -1195,7 +1224,11 @@ async fn mark_disconnected(ctx: &Context, v: &MirrorVolume, hb: &Heartbeats<'_>)
     let params = PatchParams { field_manager: Some(MANAGER.to_owned()), ..Default::default() };
     match Api::<MirrorVolume>::all(ctx.client.clone()).patch_status(&v.name_any(), &params, &patch).await {
         Ok(_) => {
-            info!(volume = %v.name_any(), nodes = ?nodes, "replicas on offline nodes marked disconnected");
+            info!(volume = %volume, nodes = ?nodes, "replicas on offline nodes marked disconnected");
+            let mut memory = ctx.memory();
+            for node in nodes {
+                memory.disconnected.insert((volume.clone(), node));
+            }
             Ok(())
         }
         // The list changed under the test: its watch event brings the next look.

@@ -14,6 +14,7 @@ pub mod conditions;
 pub mod config;
 pub mod controller;
 pub mod error;
+pub mod events;
 mod http;
 pub mod liveness;
 pub mod members;

@@ -56,14 +56,15 @@ mod tests {
     use super::*;
 
     fn lease(renew: Option<Timestamp>, duration: Option<i32>) -> Lease {
-        let mut l = Lease::default();
-        l.spec = Some(k8s_openapi::api::coordination::v1::LeaseSpec {
-            holder_identity: Some("n".into()),
-            lease_duration_seconds: duration,
-            renew_time: renew.map(MicroTime),
+        Lease {
+            spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+                holder_identity: Some("n".into()),
+                lease_duration_seconds: duration,
+                renew_time: renew.map(MicroTime),
+                ..Default::default()
+            }),
             ..Default::default()
-        });
-        l
+        }
     }
 
     #[test]

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::events::Reporter;
 use anyhow::Context as _;
 use futures::StreamExt;
-use kube::runtime::events::Reporter;
 use tracing::info;
 
 pub use crate::config::OperatorArgs;
