@@ -11,9 +11,9 @@
 //!   reported as InvalidSpec.
 //! - `node_loss_failover_and_deletion`: a member's heartbeat stops → offline, its replica
 //!   disconnected, the volume degraded, write priority moved to the lowest in-sync replica
-//!   at a higher epoch with an Event; it returns and resyncs → ready again; deleting the
-//!   VirtualSAN waits for its volume (DeletionBlocked), then removes SANNodes and
-//!   StorageClass.
+//!   at a higher epoch with an Event; it returns and resyncs → ready again; a member that
+//!   leaves keeps its SANNode while it holds a replica; deleting the VirtualSAN waits for
+//!   its volume (DeletionBlocked), then removes SANNodes and StorageClass.
 //!
 //! Where no API server can run, each test prints `SKIPPED` and why, and passes, unless `CI`
 //! is set.
@@ -92,7 +92,8 @@ async fn start() -> Option<Env> {
     Some(Env { client, operator, _server: server })
 }
 
-/// The operator process, killed when dropped; its log is printed if the test fails.
+/// The operator process, killed when dropped; its log is printed if the test fails (or
+/// always, with `PEERSAN_OPERATOR_LOG=1`).
 struct Operator {
     child: Child,
     log: PathBuf,
@@ -139,10 +140,12 @@ impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if std::thread::panicking() {
+        let all = std::env::var_os("PEERSAN_OPERATOR_LOG").is_some();
+        if std::thread::panicking() || all {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(80).collect();
-            eprintln!("--- operator log (last 80 lines) ---");
+            let lines = if all { usize::MAX } else { 80 };
+            let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+            eprintln!("--- operator log ---");
             for line in tail.iter().rev() {
                 eprintln!("{line}");
             }
@@ -701,8 +704,34 @@ async fn node_loss_failover_and_deletion() {
     let l = get(&leases, "peersan-vol-pvc-1").await.unwrap();
     assert_eq!(l.spec.unwrap().holder_identity.as_deref(), Some("b"), "write priority does not move back by itself");
 
-    // Deleting the VirtualSAN waits for its volume.
+    // c leaves the SAN (and the SAN drops to 2 replicas): its SANNode stays while pvc-1 has
+    // a replica there, and the StorageClass is made again with the new parameters.
     let vsans = Api::<VirtualSAN>::all(client.clone());
+    let san_nodes = Api::<SANNode>::all(client.clone());
+    let shrink = json!({ "spec": { "nodes": { "names": ["a", "b"] }, "replicas": 2 } });
+    vsans.patch("beta", &PatchParams::default(), &Patch::Merge(&shrink)).await.expect("shrink beta");
+    let shrunk = wait_vsan(&client, "beta", "2/2 nodes, SANNode c kept", |v| {
+        ready_is(v, ConditionStatus::True, "AllNodesReady")?;
+        let st = v.status.as_ref().unwrap();
+        let message = &condition(&st.conditions, "Ready").unwrap().message;
+        (st.ready_nodes.as_deref() == Some("2/2") && message.contains("SANNode c is kept"))
+            .then_some(())
+            .ok_or(format!("readyNodes {:?}, message {message:?}", st.ready_nodes))
+    })
+    .await;
+    let message = &condition(&shrunk.status.as_ref().unwrap().conditions, "Ready").unwrap().message;
+    assert!(message.contains("volume(s) pvc-1 still have a replica there"), "{message}");
+    let c = get(&san_nodes, "c").await.expect("SANNode c is kept");
+    assert_eq!(c.spec.virtual_san, "beta");
+    let classes = Api::<StorageClass>::all(client.clone());
+    eventually("StorageClass beta with replicas 2", || async {
+        let sc = get(&classes, "beta").await?;
+        let replicas = sc.parameters.as_ref().and_then(|p| p.get("replicas")).cloned();
+        (replicas.as_deref() == Some("2")).then_some(()).ok_or(format!("replicas {replicas:?}"))
+    })
+    .await;
+
+    // Deleting the VirtualSAN waits for its volume.
     vsans.delete("beta", &DeleteParams::default()).await.expect("delete VirtualSAN");
     let blocked = wait_vsan(&client, "beta", "Ready False DeletionBlocked", |v| {
         let st = v.status.as_ref().ok_or("no status")?;
@@ -714,7 +743,6 @@ async fn node_loss_failover_and_deletion() {
     let message = &condition(&blocked.status.as_ref().unwrap().conditions, "Ready").unwrap().message;
     assert_eq!(message, "1 volume(s) still exist (pvc-1): delete their PersistentVolumeClaims first");
     wait_event(&client, "DeletionBlocked", "beta").await;
-    let san_nodes = Api::<SANNode>::all(client.clone());
     for n in ["a", "b", "c"] {
         assert!(get(&san_nodes, n).await.is_ok(), "SANNode {n} must stay while the volume exists");
     }

@@ -1060,6 +1060,8 @@ enum Priority {
     Stuck { holder: String, lease: Lease },
     /// Moved from an offline holder.
     Moved { from: String, to: String, epoch: u64, lease: Lease },
+    /// The Lease was deleted meanwhile (the volume is being deleted).
+    Gone,
 }
 
 /// (7) One volume: replicas on offline nodes marked disconnected, failover of write
@@ -1079,6 +1081,7 @@ async fn reconcile_volume(ctx: &Context, v: &MirrorVolume, hb: &Heartbeats<'_>) 
         None => None,
         Some(cached) => match move_priority(ctx, v, (*cached).clone(), hb).await? {
             Priority::Stays(lease) => Some(lease),
+            Priority::Gone => None,
             Priority::Stuck { holder, lease } => {
                 stuck_note = Some(format!(
                     "write priority holder {holder} is offline and no in-sync replica on an online node can take over; \
@@ -1158,16 +1161,24 @@ async fn reconcile_volume(ctx: &Context, v: &MirrorVolume, hb: &Heartbeats<'_>) 
         && status.writer == writer
         && status.conditions == conditions;
     if !unchanged {
+        // Unknown values are left out, not written as null: what the operator stops
+        // setting is removed by the apply.
+        let mut fields = serde_json::Map::new();
+        fields.insert("health".into(), json!(health));
+        fields.insert("conditions".into(), json!(conditions));
+        if let Some(g) = generation {
+            fields.insert("observedGeneration".into(), json!(g));
+        }
+        if let Some(e) = epoch {
+            fields.insert("epoch".into(), json!(e));
+        }
+        if let Some(w) = &writer {
+            fields.insert("writer".into(), json!(w));
+        }
         let patch = json!({
             "apiVersion": MirrorVolume::api_version(&()),
             "kind": MirrorVolume::kind(&()),
-            "status": {
-                "observedGeneration": generation,
-                "health": health,
-                "epoch": epoch,
-                "writer": writer,
-                "conditions": conditions,
-            },
+            "status": fields,
         });
         Api::<MirrorVolume>::all(ctx.client.clone())
             .patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
@@ -1282,7 +1293,7 @@ async fn move_priority(
                 last_error = Some(e);
                 match api.get_opt(&name).await? {
                     Some(fresh) => lease = fresh,
-                    None => return Ok(Priority::Stays(moved)),
+                    None => return Ok(Priority::Gone),
                 }
             }
             Err(e) => return Err(e.into()),
