@@ -1383,6 +1383,49 @@ mod tests {
     }
 
     #[test]
+    fn lease_events_map_to_the_san_of_their_node_or_volume() {
+        let (leases, mut leases_w) = reflector::store::<Lease>();
+        let (san_nodes, mut san_nodes_w) = reflector::store::<SANNode>();
+        let (volumes, mut volumes_w) = reflector::store::<MirrorVolume>();
+        let lease = |name: &str| -> Lease {
+            serde_json::from_value(json!({ "metadata": { "name": name, "namespace": "ns" } })).unwrap()
+        };
+        let heartbeat = lease("peersan-node-a");
+        leases_w.apply_watcher_event(&watcher::Event::Apply(heartbeat.clone()));
+        san_nodes_w.apply_watcher_event(&watcher::Event::Apply(
+            serde_json::from_value(json!({ "apiVersion": "peersan.io/v1alpha1", "kind": "SANNode",
+                "metadata": { "name": "a" }, "spec": { "virtualSAN": "san1", "pool": { "path": "/p" } } }))
+            .unwrap(),
+        ));
+        volumes_w.apply_watcher_event(&watcher::Event::Apply(
+            serde_json::from_value(json!({ "apiVersion": "peersan.io/v1alpha1", "kind": "MirrorVolume",
+                "metadata": { "name": "pvc-1" },
+                "spec": { "virtualSAN": "san2", "sizeBytes": 4096, "replicas": ["a"] } }))
+            .unwrap(),
+        ));
+        let memory = Mutex::new(Memory::default());
+        let trigger = |l: &Lease| lease_trigger(l, &leases, &san_nodes, &volumes, &memory).map(|r| r.name);
+
+        // A node not known to be online: its renewal triggers its SAN.
+        assert_eq!(trigger(&heartbeat).as_deref(), Some("san1"));
+        // Known online: a renewal does not trigger (its expiry is a requeue).
+        memory.lock().unwrap().heartbeats.insert("a".into(), true);
+        assert_eq!(trigger(&heartbeat), None);
+        // Known offline: it does.
+        memory.lock().unwrap().heartbeats.insert("a".into(), false);
+        assert_eq!(trigger(&heartbeat).as_deref(), Some("san1"));
+        // Deleted (gone from the cache): it does, even when known online.
+        memory.lock().unwrap().heartbeats.insert("a".into(), true);
+        leases_w.apply_watcher_event(&watcher::Event::Delete(heartbeat.clone()));
+        assert_eq!(trigger(&heartbeat).as_deref(), Some("san1"));
+        // A node without SANNode, a volume Lease, other Leases.
+        assert_eq!(trigger(&lease("peersan-node-z")), None);
+        assert_eq!(trigger(&lease("peersan-vol-pvc-1")).as_deref(), Some("san2"));
+        assert_eq!(trigger(&lease("peersan-vol-pvc-9")), None);
+        assert_eq!(trigger(&lease("kube-controller-manager")), None);
+    }
+
+    #[test]
     fn member_state_needs_a_heartbeat_and_the_current_generation() {
         let t: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let online = Liveness::Online { expires: t };
