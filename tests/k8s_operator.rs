@@ -11,7 +11,8 @@
 //!   reported as InvalidSpec.
 //! - `node_loss_failover_and_deletion`: a member's heartbeat stops → offline, its replica
 //!   disconnected, the volume degraded, write priority moved to the lowest in-sync replica
-//!   at a higher epoch with an Event; it returns and resyncs → ready again; a member that
+//!   at a higher epoch with an Event; with no in-sync replica left online it stays and the
+//!   volume says why; the member returns and resyncs → ready again; a member that
 //!   leaves keeps its SANNode while it holds a replica; deleting the VirtualSAN waits for
 //!   its volume (DeletionBlocked), then removes SANNodes and StorageClass.
 //!
@@ -683,6 +684,44 @@ async fn node_loss_failover_and_deletion() {
     let (_, metrics) = env.operator.get("/metrics").unwrap();
     assert!(metrics.lines().any(|l| l == "peersan_operator_failovers_total 1"), "{metrics}");
     assert!(metrics.lines().any(|l| l == "peersan_operator_nodes_offline{virtualsan=\"beta\"} 1"), "{metrics}");
+
+    // c goes, then b: no in-sync replica on an online node is left, so write priority stays
+    // with b and the volume says why. (c first, so that b's expiry finds no candidate.)
+    agents.lock().unwrap().alive.remove("c");
+    wait_vsan(&client, "beta", "c offline", |v| {
+        let st = v.status.as_ref().ok_or("no status")?;
+        let c = st.nodes.iter().find(|n| n.name == "c").ok_or("no node c")?;
+        (c.state == MemberState::Offline).then_some(()).ok_or(format!("c is {:?}", c.state))
+    })
+    .await;
+    agents.lock().unwrap().alive.remove("b");
+    let stuck = eventually("pvc-1 unavailable, Ready False WriterOffline", || async {
+        let v = get(&volumes, "pvc-1").await?;
+        let st = v.status.clone().unwrap_or_default();
+        let ready = condition(&st.conditions, "Ready").ok_or("no Ready")?;
+        let ok = serde_json::to_value(st.health).unwrap() == json!("unavailable") && ready.reason == "WriterOffline";
+        ok.then_some(ready.message.clone()).ok_or_else(|| format!("{st:?}"))
+    })
+    .await;
+    assert!(stuck.contains("holder b is offline") && stuck.contains("the Lease stays with b"), "{stuck}");
+    let l = get(&leases, "peersan-vol-pvc-1").await.unwrap();
+    assert_eq!(l.spec.unwrap().holder_identity.as_deref(), Some("b"));
+    assert_eq!(l.metadata.annotations.unwrap().get("peersan.io/epoch").map(String::as_str), Some("2"));
+    // b and c return and take their entries back.
+    {
+        let mut a = agents.lock().unwrap();
+        a.alive.insert("b".to_owned());
+        a.alive.insert("c".to_owned());
+    }
+    for n in ["b", "c"] {
+        write_replica(&client, "pvc-1", n, in_sync(2, "b")).await;
+    }
+    eventually("pvc-1 degraded again (a still away), writer b", || async {
+        let st = get(&volumes, "pvc-1").await?.status.unwrap_or_default();
+        let ok = serde_json::to_value(st.health).unwrap() == json!("degraded") && st.writer.as_deref() == Some("b");
+        ok.then_some(()).ok_or_else(|| format!("{st:?}"))
+    })
+    .await;
 
     // a returns: its agent takes its entry back, catches up, then is in sync.
     agents.lock().unwrap().alive.insert("a".to_owned());
