@@ -137,6 +137,24 @@ impl Operator {
     }
 }
 
+impl Operator {
+    /// Sends SIGTERM and returns the exit status, failing if the process has not exited
+    /// within `limit`.
+    fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("running kill");
+        assert!(sent.success(), "kill -TERM {pid}: {sent}");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the operator") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the operator did not exit within {limit:?} of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for Operator {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -574,6 +592,11 @@ async fn topology_per_link_mode() {
     assert_eq!(code, 200);
     assert!(metrics.contains("peersan_operator_reconciles_total"), "{metrics}");
     assert!(metrics.contains("peersan_operator_reconcile_errors_total{kind=\"invalid_spec\"}"), "{metrics}");
+
+    // SIGTERM: a clean exit, well before the grace period.
+    let mut env = env;
+    let status = env.operator.terminate(Duration::from_secs(8));
+    assert!(status.success(), "operator exit status after SIGTERM: {status}");
 }
 
 #[tokio::test]

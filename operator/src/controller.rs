@@ -275,9 +275,14 @@ fn lease_trigger(
     }
 }
 
-/// Runs `controller` until it shuts down (on SIGTERM or Ctrl-C), logging every outcome.
-pub fn run(controller: Controller<VirtualSAN>, context: Arc<Context>) -> impl Stream<Item = ()> {
-    controller.shutdown_on_signal().run(reconcile, error_policy, context).map(|result| match result {
+/// Runs `controller` until `shutdown` completes and the reconciliations under way have
+/// finished, logging every outcome.
+pub fn run(
+    controller: Controller<VirtualSAN>,
+    context: Arc<Context>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) -> impl Stream<Item = ()> {
+    controller.graceful_shutdown_on(shutdown).run(reconcile, error_policy, context).map(|result| match result {
         Ok((obj, _)) => debug!(virtualsan = %obj.name, "reconciled"),
         Err(e) => debug!(error = %e, "reconciliation failed"),
     })

@@ -4,13 +4,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use crate::events::Reporter;
 use anyhow::Context as _;
-use futures::StreamExt;
-use tracing::info;
+use futures::{FutureExt, StreamExt};
+use tracing::{info, warn};
 
 pub use crate::config::OperatorArgs;
+use crate::events::Reporter;
 use crate::http::{self, Probes};
 use crate::metrics::Metrics;
 use crate::{MANAGER, controller};
@@ -27,7 +28,10 @@ pub fn run(args: OperatorArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the Tokio runtime")?;
-    runtime.block_on(operate(args))
+    let result = runtime.block_on(operate(args));
+    // Reconciliations cut short by the grace period end with the runtime.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 async fn bind(addr: Option<SocketAddr>, what: &str) -> anyhow::Result<Option<tokio::net::TcpListener>> {
@@ -59,10 +63,20 @@ async fn operate(args: OperatorArgs) -> anyhow::Result<()> {
         }
     });
 
+    // SIGTERM or Ctrl-C: the controller stops taking work and finishes what runs; the
+    // process ends after GRACE at the latest (the controller waits for its first list of
+    // VirtualSANs before it can stop, which never comes while the API server is away).
+    let (signalled, signal) = futures::channel::oneshot::channel::<()>();
+    let stop = signal.map(|_| ()).shared();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutdown requested");
+        let _ = signalled.send(());
+    });
+
     // One server when both endpoints share an address, else one each.
     let shared = args.health_addr.is_some() && args.health_addr == args.metrics_addr;
     let mut servers = Vec::new();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
     let probes = Probes { ready, metrics };
     let plan = [
         (args.health_addr, true, shared, "--health-addr"),
@@ -70,20 +84,42 @@ async fn operate(args: OperatorArgs) -> anyhow::Result<()> {
     ];
     for (addr, health, with_metrics, what) in plan {
         if let Some(listener) = bind(addr, what).await? {
-            let mut stopped = stopped.clone();
-            let shutdown = async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            };
-            servers.push(tokio::spawn(http::serve(listener, probes.clone(), health, with_metrics, shutdown)));
+            servers.push(tokio::spawn(http::serve(listener, probes.clone(), health, with_metrics, stop.clone())));
         }
     }
 
     info!(namespace = %args.namespace, peer_port = args.peer_port, "peersan operator started");
-    controller::run(controller, context).for_each(|()| std::future::ready(())).await;
-    info!("controller stopped; shutting down");
-    let _ = stop.send(true);
+    let controller = controller::run(controller, context, stop.clone()).for_each(|()| std::future::ready(()));
+    let deadline = async {
+        stop.clone().await;
+        tokio::time::sleep(GRACE).await;
+    };
+    tokio::select! {
+        () = controller => info!("controller stopped"),
+        () = deadline => warn!(grace = ?GRACE, "reconciliations did not finish in time; stopping anyway"),
+    }
     for server in servers {
         server.await.context("HTTP server task")?.context("HTTP server")?;
     }
     Ok(())
+}
+
+/// How long reconciliations under way may take to finish after a shutdown request.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = interrupt => {},
+                _ = terminate.recv() => {},
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+            let _ = interrupt.await;
+        }
+    }
 }
