@@ -7,8 +7,9 @@
 //! - `topology_per_link_mode`: members by selector and by name, SANNodes with replication
 //!   addresses and peers for a Cluster link, a Dedicated link by interface (with a per-node
 //!   interface) and one by CIDR, the StorageClass, Ready with `3/3`, a node joining and
-//!   leaving by its label, and a spec the schema cannot refuse (3 replicas over 2 nodes)
-//!   reported as InvalidSpec.
+//!   leaving by its label, specs the schema cannot refuse (3 replicas over 2 nodes, a node
+//!   another VirtualSAN has) reported as InvalidSpec, a foreign StorageClass of the SAN's
+//!   name left alone, probes and metrics, a clean exit on SIGTERM.
 //! - `node_loss_failover_and_deletion`: a member's heartbeat stops → offline, its replica
 //!   disconnected, the volume degraded, write priority moved to the lowest in-sync replica
 //!   at a higher epoch with an Event; with no in-sync replica left online it stays and the
@@ -555,6 +556,43 @@ async fn topology_per_link_mode() {
     let message = &condition(&bad.status.as_ref().unwrap().conditions, "Ready").unwrap().message;
     assert!(message.contains("spec.replicas is 3 but the SAN has 2 member node(s) (x1, x2)"), "{message}");
     assert!(get(&Api::<StorageClass>::all(client.clone()), "bad").await.is_err(), "an invalid SAN has no StorageClass");
+
+    // A VirtualSAN naming a node another one has: InvalidSpec; that node's SANNode stays
+    // with its SAN, the other member is configured.
+    create_node(&client, "z1", "127.0.0.61", &[]).await;
+    agents.lock().unwrap().alive.insert("z1".to_owned());
+    create_vsan(&client, "zeta", json!({ "nodes": { "names": ["n1", "z1"] }, "pool": { "path": "/var/lib/peersan" } }))
+        .await;
+    let zeta =
+        wait_vsan(&client, "zeta", "Ready False InvalidSpec", |v| ready_is(v, ConditionStatus::False, "InvalidSpec"))
+            .await;
+    let message = &condition(&zeta.status.as_ref().unwrap().conditions, "Ready").unwrap().message;
+    assert!(message.contains("node n1 is already a member of VirtualSAN alpha"), "{message}");
+    let z1 = eventually("SANNode z1 of zeta", || async { get(&san_nodes, "z1").await }).await;
+    assert_eq!(z1.spec.virtual_san, "zeta");
+    assert_eq!(get(&san_nodes, "n1").await.unwrap().spec.virtual_san, "alpha");
+
+    // A StorageClass of the SAN's name that the operator did not make is left alone.
+    let foreign: StorageClass = serde_json::from_value(json!({
+        "metadata": { "name": "eta" }, "provisioner": "example.com/other", "parameters": { "x": "y" },
+    }))
+    .unwrap();
+    Api::<StorageClass>::all(client.clone()).create(&PostParams::default(), &foreign).await.unwrap();
+    create_node(&client, "e1", "127.0.0.71", &[]).await;
+    create_node(&client, "e2", "127.0.0.72", &[]).await;
+    {
+        let mut a = agents.lock().unwrap();
+        a.alive.insert("e1".to_owned());
+        a.alive.insert("e2".to_owned());
+    }
+    create_vsan(&client, "eta", json!({ "nodes": { "names": ["e1", "e2"] }, "pool": { "path": "/var/lib/peersan" } }))
+        .await;
+    wait_vsan(&client, "eta", "Ready False StorageClassConflict", |v| {
+        ready_is(v, ConditionStatus::False, "StorageClassConflict")
+    })
+    .await;
+    let sc = get(&Api::<StorageClass>::all(client.clone()), "eta").await.unwrap();
+    assert_eq!(sc.provisioner, "example.com/other", "the foreign StorageClass is untouched");
 
     // A node joins by its label, and leaves again (no volume there: its SANNode goes).
     let nodes = Api::<Node>::all(client.clone());
