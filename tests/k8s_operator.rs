@@ -57,7 +57,7 @@ const WAIT: Duration = Duration::from_secs(60);
 struct Env {
     client: Client,
     operator: Operator,
-    _server: ApiServer,
+    server: ApiServer,
 }
 
 async fn start() -> Option<Env> {
@@ -90,8 +90,8 @@ async fn start() -> Option<Env> {
     }
     let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": NAMESPACE } })).unwrap();
     Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.expect("create namespace");
-    let operator = Operator::start(&server.kubeconfig);
-    Some(Env { client, operator, _server: server })
+    let operator = Operator::start(&server.kubeconfig, "operator-1");
+    Some(Env { client, operator, server })
 }
 
 /// The operator process, killed when dropped; its log is printed if the test fails (or
@@ -104,7 +104,8 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(kubeconfig: &Path) -> Operator {
+    /// Starts `peersan-operator` with the leader election identity `identity`.
+    fn start(kubeconfig: &Path, identity: &str) -> Operator {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("operator.log");
         let http = {
@@ -117,6 +118,7 @@ impl Operator {
             .arg(format!("--metrics-addr={http}"))
             .env("KUBECONFIG", kubeconfig)
             .env_remove("POD_NAMESPACE")
+            .env("POD_NAME", identity)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(std::fs::File::options().append(true).open(&log).unwrap())
@@ -631,10 +633,40 @@ async fn topology_per_link_mode() {
     assert!(metrics.contains("peersan_operator_reconciles_total"), "{metrics}");
     assert!(metrics.contains("peersan_operator_reconcile_errors_total{kind=\"invalid_spec\"}"), "{metrics}");
 
-    // SIGTERM: a clean exit, well before the grace period.
+    // Leader election: a second operator stands by (ready, not leading) while the first
+    // holds the Lease.
     let mut env = env;
+    let election = Api::<Lease>::namespaced(client.clone(), NAMESPACE);
+    let holder = || async {
+        let l = get(&election, "peersan-operator").await?;
+        Ok::<_, String>(l.spec.and_then(|s| s.holder_identity).unwrap_or_default())
+    };
+    assert_eq!(holder().await.unwrap(), "operator-1");
+    let mut second = Operator::start(&env.server.kubeconfig, "operator-2");
+    eventually("the standby operator ready", || async {
+        let (code, _) = second.get("/readyz")?;
+        (code == 200).then_some(()).ok_or(format!("/readyz {code}"))
+    })
+    .await;
+    assert_eq!(holder().await.unwrap(), "operator-1", "the standby must not take a held Lease");
+
+    // SIGTERM: a clean exit well before the grace period, releasing the Lease, which the
+    // standby takes and then reconciles.
     let status = env.operator.terminate(Duration::from_secs(8));
     assert!(status.success(), "operator exit status after SIGTERM: {status}");
+    eventually("operator-2 leading", || async {
+        let h = holder().await?;
+        (h == "operator-2").then_some(()).ok_or(h)
+    })
+    .await;
+    nodes.patch("n4", &PatchParams::default(), &Patch::Merge(&label(Some("alpha")))).await.unwrap();
+    wait_vsan(&client, "alpha", "4/4 nodes under the new leader", |v| {
+        let rn = v.status.as_ref().and_then(|s| s.ready_nodes.clone());
+        (rn.as_deref() == Some("4/4")).then_some(()).ok_or(format!("readyNodes {rn:?}"))
+    })
+    .await;
+    let status = second.terminate(Duration::from_secs(8));
+    assert!(status.success(), "second operator exit status after SIGTERM: {status}");
 }
 
 #[tokio::test]

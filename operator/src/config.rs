@@ -24,7 +24,7 @@ pub struct OperatorArgs {
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax (`info`, `debug,hyper=info`).
-    #[arg(long, default_value = "info")]
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log: String,
 }
 
@@ -54,10 +54,15 @@ mod tests {
         assert_eq!(cli.args.peer_port, DEFAULT_PEER_PORT);
         assert_eq!(cli.args.health_addr, Some("127.0.0.1:8081".parse().unwrap()));
         assert_eq!(cli.args.metrics_addr, None);
-        assert_eq!(cli.args.log, "info");
+        if std::env::var_os("RUST_LOG").is_none() {
+            assert_eq!(cli.args.log, "info");
+        }
 
-        let cli = Cli::try_parse_from(["peersan-operator", "--namespace", "ns", "--peer-port", "7800"]).unwrap();
+        let cli =
+            Cli::try_parse_from(["peersan-operator", "--namespace", "ns", "--peer-port", "7800", "--log", "debug"])
+                .unwrap();
         assert_eq!(cli.args.peer_port, 7800);
+        assert_eq!(cli.args.log, "debug");
         assert!(Cli::try_parse_from(["peersan-operator", "--namespace", "ns", "--peer-port", "70000"]).is_err());
     }
 }

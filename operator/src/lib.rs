@@ -6,6 +6,7 @@
 //! - [`run`]: the process entry point (`run::run`), also used by the multi-call binary.
 //! - [`controller`]: the reconciler, its context and the watches that trigger it.
 //! - [`events`]: Events about cluster-scoped objects (in `kube-system`).
+//! - [`leader`]: leader election, so that one of several operator processes reconciles.
 //! - Pure decisions, unit tested without an API server: [`members`] (who is a member),
 //!   [`address`] (where a member mirrors), [`liveness`] (heartbeat Leases), [`volume`]
 //!   (health, failover target, fencing epoch), [`conditions`] (status conditions).
@@ -59,6 +60,9 @@
 //!
 //! Only what differs from the watch caches is written, so the API load follows changes of
 //! state, not I/O.
+//!
+//! Several operator processes may run: the one holding the Lease `peersan-operator` in
+//! the namespace reconciles, the others stand by (see [`leader`]).
 
 pub mod address;
 pub mod conditions;
@@ -67,6 +71,7 @@ pub mod controller;
 pub mod error;
 pub mod events;
 mod http;
+pub mod leader;
 pub mod liveness;
 pub mod members;
 pub mod metrics;
