@@ -609,6 +609,11 @@ async fn topology_per_link_mode() {
     let n1 = get(&san_nodes, "n1").await.unwrap();
     assert!(peers(&n1).contains(&("n4".into(), "127.0.0.14:7700".into())), "{:?}", peers(&n1));
     wait_event(&client, "NodeJoined", "alpha").await;
+    let joined: Vec<String> = events(&client, "NodeJoined", "alpha").await.into_iter().filter_map(|e| e.note).collect();
+    for n in ["n1", "n2", "n3"] {
+        let note = format!("node {n} joined");
+        assert_eq!(joined.iter().filter(|j| **j == note).count(), 1, "one Event per transition: {joined:?}");
+    }
     nodes.patch("n4", &PatchParams::default(), &Patch::Merge(&label(None))).await.unwrap();
     eventually("SANNode n4 deleted after n4 left", || async {
         match san_nodes.get_opt("n4").await {
@@ -770,6 +775,7 @@ async fn node_loss_failover_and_deletion() {
         "{degraded:?}"
     );
     let event = wait_event(&client, "WritePriorityMoved", "pvc-1").await;
+    assert_eq!(events(&client, "WritePriorityMoved", "pvc-1").await.len(), 1, "one move, one Event");
     let note = event.note.unwrap_or_default();
     assert!(note.contains("from a") && note.contains("to b") && note.contains("epoch 2"), "{note}");
     wait_event(&client, "NodeOffline", "beta").await;

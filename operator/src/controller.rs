@@ -135,6 +135,69 @@ struct Memory {
     /// that returns writes its entry once, possibly before its renewed heartbeat reaches
     /// the cache, and must not be overwritten then.
     disconnected: HashSet<(String, String)>,
+    /// The last status written for each VirtualSAN (by name), newer than the cache until
+    /// the watch brings the write back: transitions and transition times are computed
+    /// from it, so that no event is published twice.
+    san_status: HashMap<String, Written<VirtualSANStatus>>,
+    /// The same for the operator's part of each MirrorVolume's status.
+    volume_status: HashMap<String, Written<VolumeStatusPart>>,
+}
+
+/// A value this process wrote to an object: the object's uid and the resourceVersion the
+/// write produced.
+#[derive(Clone, Debug)]
+struct Written<T> {
+    uid: String,
+    resource_version: String,
+    value: T,
+}
+
+impl<T> Written<T> {
+    fn of<K: Resource>(written: &K, value: T) -> Written<T> {
+        Written {
+            uid: written.meta().uid.clone().unwrap_or_default(),
+            resource_version: written.meta().resource_version.clone().unwrap_or_default(),
+            value,
+        }
+    }
+}
+
+/// The fields of a MirrorVolume's status the operator writes.
+#[derive(Clone, Debug, PartialEq)]
+struct VolumeStatusPart {
+    observed_generation: Option<i64>,
+    health: Option<VolumeHealth>,
+    epoch: Option<i64>,
+    writer: Option<String>,
+    conditions: Vec<peersan_crds::Condition>,
+}
+
+impl VolumeStatusPart {
+    fn of(status: &peersan_crds::MirrorVolumeStatus) -> VolumeStatusPart {
+        VolumeStatusPart {
+            observed_generation: status.observed_generation,
+            health: status.health,
+            epoch: status.epoch,
+            writer: status.writer.clone(),
+            conditions: status.conditions.clone(),
+        }
+    }
+}
+
+/// The newest known value for `cached`: what this process last wrote to it, unless the
+/// cache already holds that write or a later one (same uid, resourceVersion at least the
+/// written one), or the object was made anew (another uid).
+fn newest<K: Resource, T: Clone>(written: Option<&Written<T>>, cached: &K, value: impl FnOnce() -> T) -> T {
+    let meta = cached.meta();
+    let caught_up = |w: &Written<T>| match (meta.resource_version.as_deref(), w.resource_version.parse::<u64>()) {
+        (Some(rv), Ok(written)) => rv.parse::<u64>().is_ok_and(|rv| rv >= written),
+        (Some(rv), Err(_)) => rv == w.resource_version,
+        (None, _) => false,
+    };
+    match written {
+        Some(w) if Some(w.uid.as_str()) == meta.uid.as_deref() && !caught_up(w) => w.value.clone(),
+        _ => value(),
+    }
 }
 
 /// Everything a reconciliation needs.
@@ -389,7 +452,7 @@ async fn apply(vsan: &VirtualSAN, ctx: &Context, deleting_with: Option<&[String]
     let name = vsan.name_any();
     let spec = &vsan.spec;
     let now = Timestamp::now();
-    let previous = vsan.status.clone().unwrap_or_default();
+    let previous = newest(ctx.memory().san_status.get(&name), vsan, || vsan.status.clone().unwrap_or_default());
     let mut invalid: Vec<String> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     let add_invalid = |invalid: &mut Vec<String>, m: String| {
@@ -612,11 +675,11 @@ async fn apply(vsan: &VirtualSAN, ctx: &Context, deleting_with: Option<&[String]
     if status != previous {
         let patch =
             json!({ "apiVersion": VirtualSAN::api_version(&()), "kind": VirtualSAN::kind(&()), "status": status });
-        Api::<VirtualSAN>::all(ctx.client.clone())
+        let written = Api::<VirtualSAN>::all(ctx.client.clone())
             .patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
             .await?;
+        ctx.memory().san_status.insert(name.clone(), Written::of(&written, status.clone()));
     }
-
     // (9) Events on transitions.
     san_events(ctx, vsan, &previous, &status).await;
 
@@ -646,6 +709,7 @@ async fn apply(vsan: &VirtualSAN, ctx: &Context, deleting_with: Option<&[String]
         memory.next_check.insert(name.clone(), next);
         let volumes = &ctx.stores.volumes;
         memory.disconnected.retain(|(v, _)| volumes.get(&ObjectRef::new(v)).is_some());
+        memory.volume_status.retain(|v, _| volumes.get(&ObjectRef::new(v)).is_some());
     }
     ctx.metrics.set_nodes_offline(&name, offline);
 
@@ -1052,7 +1116,12 @@ async fn cleanup(vsan: &VirtualSAN, ctx: &Context) -> Result<Action, Error> {
         delete_ignoring_missing(&classes, &name, sc.uid()).await?;
     }
     ctx.metrics.forget(&name);
-    ctx.memory().next_check.remove(&name);
+    {
+        let mut memory = ctx.memory();
+        memory.next_check.remove(&name);
+        memory.san_status.remove(&name);
+        memory.backoff.remove(&name);
+    }
     info!(virtualsan = %name, "deleted its SANNodes and StorageClass");
     Ok(Action::await_change())
 }
@@ -1076,6 +1145,7 @@ async fn reconcile_volume(ctx: &Context, v: &MirrorVolume, hb: &Heartbeats<'_>) 
     let status = v.status.clone().unwrap_or_default();
     let entries = &status.replicas;
     let online = |n: &str| hb.online(n);
+    let previous = newest(ctx.memory().volume_status.get(&name), v, || VolumeStatusPart::of(&status));
 
     mark_disconnected(ctx, v, hb).await?;
 
@@ -1158,14 +1228,11 @@ async fn reconcile_volume(ctx: &Context, v: &MirrorVolume, hb: &Heartbeats<'_>) 
         Desired::new(volume_condition::SPLIT_BRAIN, false, "NoSplitBrain", "")
     };
     let generation = v.metadata.generation;
-    let conditions = conditions::merge(&status.conditions, vec![ready, degraded, resyncing, split], hb.now, generation);
-
-    let unchanged = status.observed_generation == generation
-        && status.health == Some(health)
-        && status.epoch == epoch
-        && status.writer == writer
-        && status.conditions == conditions;
-    if !unchanged {
+    let conditions =
+        conditions::merge(&previous.conditions, vec![ready, degraded, resyncing, split], hb.now, generation);
+    let part = VolumeStatusPart { observed_generation: generation, health: Some(health), epoch, writer, conditions };
+    if part != previous {
+        let VolumeStatusPart { epoch, writer, conditions, .. } = &part;
         // Unknown values are left out, not written as null: what the operator stops
         // setting is removed by the apply.
         let mut fields = serde_json::Map::new();
@@ -1185,12 +1252,13 @@ async fn reconcile_volume(ctx: &Context, v: &MirrorVolume, hb: &Heartbeats<'_>) 
             "kind": MirrorVolume::kind(&()),
             "status": fields,
         });
-        Api::<MirrorVolume>::all(ctx.client.clone())
+        let written = Api::<MirrorVolume>::all(ctx.client.clone())
             .patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
             .await?;
+        ctx.memory().volume_status.insert(name.clone(), Written::of(&written, part));
     }
 
-    match (status.health, health) {
+    match (previous.health, health) {
         (Some(VolumeHealth::Healthy | VolumeHealth::Resyncing), VolumeHealth::Degraded | VolumeHealth::Unavailable) => {
             let note = format!("volume {name} is {}: {replicas}", health_name(health));
             publish(ctx, v, EventType::Warning, reason::VOLUME_DEGRADED, note).await;
@@ -1385,6 +1453,23 @@ mod tests {
             by_type(&c, "Ready").message,
             "2 volume(s) still exist (pvc-1, pvc-2): delete their PersistentVolumeClaims first"
         );
+    }
+
+    #[test]
+    fn the_newest_of_the_written_and_the_cached_value() {
+        let object = |uid: &str, rv: &str| -> Lease {
+            serde_json::from_value(json!({ "metadata": { "name": "x", "uid": uid, "resourceVersion": rv } })).unwrap()
+        };
+        let written = Written::of(&object("u1", "120"), "written");
+        // The cache has not seen the write yet: the written value.
+        assert_eq!(newest(Some(&written), &object("u1", "119"), || "cached"), "written");
+        assert_eq!(newest(Some(&written), &object("u1", "99"), || "cached"), "written");
+        // It has, or something later: the cache.
+        assert_eq!(newest(Some(&written), &object("u1", "120"), || "cached"), "cached");
+        assert_eq!(newest(Some(&written), &object("u1", "1000"), || "cached"), "cached");
+        // Another object of that name, or nothing written: the cache.
+        assert_eq!(newest(Some(&written), &object("u2", "5"), || "cached"), "cached");
+        assert_eq!(newest::<Lease, &str>(None, &object("u1", "5"), || "cached"), "cached");
     }
 
     #[test]
