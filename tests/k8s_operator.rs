@@ -560,16 +560,24 @@ async fn topology_per_link_mode() {
     assert!(get(&Api::<StorageClass>::all(client.clone()), "bad").await.is_err(), "an invalid SAN has no StorageClass");
 
     // A VirtualSAN naming a node another one has: InvalidSpec; that node's SANNode stays
-    // with its SAN, the other member is configured.
+    // with its SAN, the other members are configured.
     create_node(&client, "z1", "127.0.0.61", &[]).await;
     agents.lock().unwrap().alive.insert("z1".to_owned());
-    create_vsan(&client, "zeta", json!({ "nodes": { "names": ["n1", "z1"] }, "pool": { "path": "/var/lib/peersan" } }))
-        .await;
+    create_vsan(
+        &client,
+        "zeta",
+        json!({ "nodes": { "names": ["n1", "z1", "ghost"] }, "pool": { "path": "/var/lib/peersan" } }),
+    )
+    .await;
     let zeta =
         wait_vsan(&client, "zeta", "Ready False InvalidSpec", |v| ready_is(v, ConditionStatus::False, "InvalidSpec"))
             .await;
     let message = &condition(&zeta.status.as_ref().unwrap().conditions, "Ready").unwrap().message;
     assert!(message.contains("node n1 is already a member of VirtualSAN alpha"), "{message}");
+    // A named node without a Node object is a pending member, and the message says why.
+    assert!(message.contains("node ghost has no Node object"), "{message}");
+    let ghost = zeta.status.as_ref().unwrap().nodes.iter().find(|n| n.name == "ghost").cloned();
+    assert_eq!(ghost.map(|g| (g.state, g.address)), Some((MemberState::Pending, None)));
     let z1 = eventually("SANNode z1 of zeta", || async { get(&san_nodes, "z1").await }).await;
     assert_eq!(z1.spec.virtual_san, "zeta");
     assert_eq!(get(&san_nodes, "n1").await.unwrap().spec.virtual_san, "alpha");
