@@ -1,10 +1,18 @@
-//! peersan operator. The reconciler of VirtualSAN resources is part of the control plane;
-//! until it exists this binary only reports that it has nothing to run.
+//! `peersan-operator`: reconciles VirtualSAN resources into SANNodes, StorageClasses and
+//! status, and moves write priority away from offline nodes. See `peersan_operator::run`.
 
-fn main() -> std::process::ExitCode {
-    eprintln!(
-        "peersan-operator: the {} control plane is not part of this build; run node agents in standalone mode (peersan-node-agent --config node.yaml)",
-        peersan_crds::API_GROUP
-    );
-    std::process::ExitCode::from(2)
+use clap::Parser;
+use peersan_operator::run::{OperatorArgs, run};
+
+/// peersan operator: reconciles VirtualSAN resources (Kubernetes API server from KUBECONFIG,
+/// else in-cluster).
+#[derive(Parser, Debug)]
+#[command(name = "peersan-operator", version)]
+struct Cli {
+    #[command(flatten)]
+    args: OperatorArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    run(Cli::parse().args)
 }
