@@ -34,6 +34,8 @@ enum Cmd {
     Agent(Box<common::agent::AgentArgs>),
     /// Run the CSI controller (the same as `peersan-csi-controller`).
     CsiController(peersan_csi_driver::run::ControllerArgs),
+    /// Run the operator (the same as `peersan-operator`).
+    Operator(peersan_operator::run::OperatorArgs),
     /// Run three agents on this machine and show mirroring, failover and resync.
     Demo {
         /// Keep the demo's directory (configs, logs, replicas) afterwards.
@@ -95,6 +97,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Demo { keep } => demo(keep),
         Cmd::Agent(args) => common::agent::run_agent(*args),
         Cmd::CsiController(args) => peersan_csi_driver::run::run(args),
+        Cmd::Operator(args) => peersan_operator::run::run(args),
         cmd => tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(client(&cli.socket, cmd)),
     }
 }
@@ -192,7 +195,7 @@ async fn client(socket: &Path, cmd: Cmd) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
-        Cmd::Demo { .. } | Cmd::Agent(_) | Cmd::CsiController(_) => unreachable!("handled in main"),
+        Cmd::Demo { .. } | Cmd::Agent(_) | Cmd::CsiController(_) | Cmd::Operator(_) => unreachable!("handled in main"),
     }
     Ok(())
 }
