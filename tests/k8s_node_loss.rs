@@ -121,4 +121,22 @@ fn write_priority_moves_off_a_lost_node_and_the_node_resyncs_on_return() {
     // The returned holder is fenced: it cannot write at its old epoch.
     let refused = try_qemu_io(&c.node("node-c").nbd_uri(vol), &["write -P 0x66 0 64k".into()]);
     assert!(refused.is_err(), "node-c must not write after losing write priority: {refused:?}");
+
+    // A deleted write-priority Lease is made again by the operator, at a newer epoch than
+    // any replica has seen, for an in-sync replica.
+    let (_, before) = c.write_priority(vol).unwrap();
+    let lease = peersan_crds::lease::volume_lease_name(vol).unwrap();
+    c.kubectl(&["delete", "lease", "-n", kube_cluster::NAMESPACE, &lease]);
+    let (holder, after) = c.wait("the Lease made again", T, |c| c.write_priority(vol).ok_or("no Lease".to_owned()));
+    assert!(after > before, "epoch {after} after {before}");
+    let mv = c.get_volume(vol).unwrap();
+    assert!(mv.spec.replicas.contains(&holder));
+    c.wait("every replica at the new epoch", T, |c| {
+        let st = c.get_volume(vol).and_then(|v| v.status).ok_or("no status")?;
+        let all =
+            st.replicas.iter().all(|r| r.epoch == Some(after as i64) && r.writer.as_deref() == Some(holder.as_str()));
+        if all && st.replicas.len() == 3 { Ok(()) } else { Err(format!("{:?}", st.replicas)) }
+    });
+    try_qemu_io(&c.node(&holder).nbd_uri(vol), &["write -P 0x43 8M 1M".into(), "read -P 0x41 0 4M".into()])
+        .expect("the new holder writes");
 }

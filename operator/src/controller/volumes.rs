@@ -42,6 +42,7 @@ pub(super) async fn reconcile_volume(
     let cached = ctx.stores.leases.get(&ObjectRef::new(&lease_name).within(&ctx.namespace));
     let mut stuck_note = None;
     let lease = match cached {
+        None if v.metadata.deletion_timestamp.is_none() => create_lease(ctx, v, &lease_name, hb).await?,
         None => None,
         Some(cached) => match move_priority(ctx, v, (*cached).clone(), hb).await? {
             Priority::Stays(lease) => Some(lease),
@@ -209,6 +210,67 @@ pub(super) async fn mark_disconnected(ctx: &Context, v: &MirrorVolume, hb: &Hear
             debug!(volume = %v.name_any(), message = %s.message, "replica list changed; not marked");
             Ok(())
         }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Creates the write-priority Lease of a volume that has none (the CSI controller creates
+/// it with the volume; this repairs one deleted since): the holder is the first in-sync
+/// replica on an online node in spec order (else the first replica), at an epoch above every
+/// epoch a replica reports, so no engine has seen it. The Lease is owned by the
+/// MirrorVolume, so the garbage collector removes it with the volume. `None` when the volume
+/// is gone or being deleted, or another writer created the Lease first (the next
+/// reconciliation reads it).
+pub(super) async fn create_lease(
+    ctx: &Context,
+    cached: &MirrorVolume,
+    lease_name: &str,
+    hb: &Heartbeats<'_>,
+) -> Result<Option<Lease>, Error> {
+    // The cache may lag behind a deletion (the CSI controller deletes the volume, then its
+    // Lease): the volume as the API server has it now decides.
+    let Some(v) = Api::<MirrorVolume>::all(ctx.client.clone()).get_opt(&cached.name_any()).await? else {
+        return Ok(None);
+    };
+    if v.metadata.deletion_timestamp.is_some() {
+        return Ok(None);
+    }
+    let entries = v.status.as_ref().map(|s| s.replicas.as_slice()).unwrap_or_default();
+    let in_sync =
+        |n: &&String| hb.online(n) && volume::entry_of(entries, n).is_some_and(|e| e.state == ReplicaState::InSync);
+    let Some(holder) = v.spec.replicas.iter().find(in_sync).or(v.spec.replicas.first()).cloned() else {
+        return Ok(None);
+    };
+    let epoch = volume::next_epoch(None, entries);
+    let owner = OwnerReference {
+        api_version: MirrorVolume::api_version(&()).into_owned(),
+        kind: MirrorVolume::kind(&()).into_owned(),
+        name: v.name_any(),
+        uid: v.uid().unwrap_or_default(),
+        ..Default::default()
+    };
+    let l = Lease {
+        metadata: ObjectMeta {
+            name: Some(lease_name.to_owned()),
+            namespace: Some(ctx.namespace.clone()),
+            annotations: Some(BTreeMap::from([(lease::EPOCH_ANNOTATION.to_owned(), lease::epoch_value(epoch))])),
+            owner_references: v.uid().is_some().then(|| vec![owner]),
+            ..Default::default()
+        },
+        spec: Some(k8s_openapi::api::coordination::v1::LeaseSpec {
+            holder_identity: Some(holder.clone()),
+            acquire_time: Some(MicroTime(hb.now)),
+            lease_transitions: Some(0),
+            ..Default::default()
+        }),
+    };
+    let params = PostParams { field_manager: Some(MANAGER.to_owned()), ..Default::default() };
+    match ctx.leases().create(&params, &l).await {
+        Ok(created) => {
+            warn!(volume = %v.name_any(), %holder, epoch, "the volume had no write-priority Lease; created it");
+            Ok(Some(created))
+        }
+        Err(e) if is_conflict(&e) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
