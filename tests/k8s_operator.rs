@@ -702,8 +702,15 @@ async fn node_loss_failover_and_deletion() {
     .await;
     wait_vsan(&client, "beta", "Ready", |v| ready_is(v, ConditionStatus::True, "AllNodesReady")).await;
 
-    // A volume as the CSI controller creates it, its replicas as the agents report them, and
-    // its write-priority Lease (holder a, epoch 1).
+    // A volume as the CSI controller creates it: its write-priority Lease (holder a, epoch 1)
+    // first, then the MirrorVolume; then its replicas as the agents report them.
+    let leases = Api::<Lease>::namespaced(client.clone(), NAMESPACE);
+    let vol_lease: Lease = serde_json::from_value(json!({
+        "metadata": { "name": "peersan-vol-pvc-1", "annotations": { "peersan.io/epoch": "1" } },
+        "spec": { "holderIdentity": "a", "leaseTransitions": 0 },
+    }))
+    .unwrap();
+    leases.create(&PostParams::default(), &vol_lease).await.expect("create volume Lease");
     let volumes = Api::<MirrorVolume>::all(client.clone());
     let volume: MirrorVolume = serde_json::from_value(json!({
         "apiVersion": "peersan.io/v1alpha1", "kind": "MirrorVolume",
@@ -716,13 +723,6 @@ async fn node_loss_failover_and_deletion() {
     for n in ["a", "b", "c"] {
         write_replica(&client, "pvc-1", n, in_sync(1, "a")).await;
     }
-    let leases = Api::<Lease>::namespaced(client.clone(), NAMESPACE);
-    let vol_lease: Lease = serde_json::from_value(json!({
-        "metadata": { "name": "peersan-vol-pvc-1", "annotations": { "peersan.io/epoch": "1" } },
-        "spec": { "holderIdentity": "a", "leaseTransitions": 0 },
-    }))
-    .unwrap();
-    leases.create(&PostParams::default(), &vol_lease).await.expect("create volume Lease");
     let healthy = eventually("pvc-1 healthy, writer a at epoch 1", || async {
         let v = get(&volumes, "pvc-1").await?;
         let st = v.status.clone().unwrap_or_default();

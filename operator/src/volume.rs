@@ -19,8 +19,9 @@ pub fn effective_state(entry: Option<&ReplicaStatus>, node_online: bool) -> Opti
 /// - any replica in split brain → `SplitBrain`;
 /// - every replica in sync on an online node → `Healthy`;
 /// - no replica in sync on an online node → `Unavailable`;
-/// - any replica catching up (on an online node) → `Resyncing`;
-/// - otherwise → `Degraded`.
+/// - every replica not in sync is catching up (on an online node) → `Resyncing`;
+/// - otherwise (some replica disconnected, outdated, diskless or not created) → `Degraded`,
+///   even while another one catches up: a missing replica weighs more than a copy under way.
 ///
 /// A replica without an entry is not created yet and counts as not in sync.
 pub fn health(replicas: &[String], entries: &[ReplicaStatus], online: impl Fn(&str) -> bool) -> VolumeHealth {
@@ -33,7 +34,7 @@ pub fn health(replicas: &[String], entries: &[ReplicaStatus], online: impl Fn(&s
         VolumeHealth::Healthy
     } else if count(ReplicaState::InSync) == 0 {
         VolumeHealth::Unavailable
-    } else if count(ReplicaState::CatchingUp) > 0 {
+    } else if count(ReplicaState::InSync) + count(ReplicaState::CatchingUp) == replicas.len() {
         VolumeHealth::Resyncing
     } else {
         VolumeHealth::Degraded
@@ -145,8 +146,13 @@ mod tests {
         // A missing entry is not in sync.
         assert_eq!(health(&r, &in_sync[..2], all_online), VolumeHealth::Degraded);
         assert_eq!(health(&r, &[], all_online), VolumeHealth::Unavailable);
-        let resync = [entry("a", InSync, None), entry("b", CatchingUp, None), entry("c", Outdated, None)];
+        let resync = [entry("a", InSync, None), entry("b", CatchingUp, None), entry("c", InSync, None)];
         assert_eq!(health(&r, &resync, all_online), VolumeHealth::Resyncing);
+        // A replica that is neither in sync nor copying makes the volume degraded, even
+        // while another catches up (a node lost during a resync).
+        let lost = [entry("a", InSync, None), entry("b", CatchingUp, None), entry("c", Outdated, None)];
+        assert_eq!(health(&r, &lost, all_online), VolumeHealth::Degraded);
+        assert_eq!(health(&r, &resync, |n| n != "c"), VolumeHealth::Degraded);
         // Catching up on an offline node is not resyncing.
         assert_eq!(health(&r, &resync, |n| n != "b"), VolumeHealth::Degraded);
         let split = [entry("a", InSync, None), entry("b", SplitBrain, None), entry("c", InSync, None)];
