@@ -483,9 +483,18 @@ impl Controller for ClusterController {
             .into());
         }
         let on = attached(&v);
-        if on.iter().any(|n| n != node) && v.spec.write_policy == WritePolicy::SingleWriter {
+        // One node at a time, whatever the volume's write policy: the engines give write
+        // priority to one node per volume (MultiWriter is recorded, not yet enforced by
+        // per-region priority), so a second node would fence the first.
+        if on.iter().any(|n| n != node) {
+            let why = match v.spec.write_policy {
+                WritePolicy::SingleWriter => "a single-writer volume is published on one node at a time",
+                WritePolicy::MultiWriter => {
+                    "volumes are published on one node at a time (several writers at once are not supported yet)"
+                }
+            };
             return Err(CsiError::FailedPrecondition(format!(
-                "volume {name} is published on node {}; a single-writer volume is published on one node at a time",
+                "volume {name} is published on node {}; {why}",
                 on.join(", ")
             ))
             .into());
