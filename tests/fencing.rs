@@ -7,18 +7,6 @@ use common::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// Runs qemu-io and returns (success, output) without asserting.
-fn qemu_io_try(uri: &str, ops: &[&str]) -> (bool, String) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]).arg(uri);
-    for op in ops {
-        cmd.arg("-c").arg(op);
-    }
-    let out = cmd.output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success() && !text.contains("failed"), text)
-}
-
 #[test]
 fn only_the_holder_writes_and_promotion_fences_the_old_holder() {
     if !have("qemu-io") || !have("qemu-img") {

@@ -18,14 +18,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{MIB, have, qemu_io, test_dir};
+use common::{MIB, have, qemu_io, qemu_io_try, test_dir};
 use k8s::ApiServer;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::{Client, CustomResourceExt};
+
 use peersan_crds::mirrorvolume::{ReplicaState, ReplicaStatus};
 use peersan_crds::sannode::Peer;
 use peersan_crds::{ConditionStatus, MirrorVolume, SANNode};
@@ -178,33 +177,6 @@ fn free_port(ip: &str) -> u16 {
     std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
 }
 
-fn qemu_io_try(uri: &str, ops: &[&str]) -> (bool, String) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]).arg(uri);
-    for op in ops {
-        cmd.arg("-c").arg(op);
-    }
-    let out = cmd.output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success() && !text.contains("failed") && !text.contains("error"), text)
-}
-
-async fn wait_established(client: &Client) {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for name in [MirrorVolume::crd_name(), SANNode::crd_name()] {
-        loop {
-            let crd = api.get(name).await.unwrap_or_else(|e| panic!("get crd {name}: {e}"));
-            let conditions = crd.status.and_then(|s| s.conditions).unwrap_or_default();
-            if conditions.iter().any(|c| c.type_ == "Established" && c.status == "True") {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{name} not Established after 30 s: {conditions:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
 fn renew_time(l: &Option<Lease>) -> Option<MicroTime> {
     l.as_ref().and_then(|l| l.spec.as_ref()).and_then(|s| s.renew_time.clone())
 }
@@ -269,11 +241,8 @@ async fn agents_follow_sannodes_mirrorvolumes_and_leases() {
             return;
         }
     };
-    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    let out = server.kubectl().arg("apply").arg("-f").arg(&crds).output().expect("running kubectl");
-    assert!(out.status.success(), "kubectl apply -f crds/: {}", String::from_utf8_lossy(&out.stderr));
+    server.install_crds();
     let client = server.client().await;
-    wait_established(&client).await;
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(json!({ "metadata": { "name": NS } })).unwrap();
     namespaces.create(&PostParams::default(), &ns).await.unwrap();

@@ -181,3 +181,31 @@ pub enum ReplicaState {
     /// Accepted writes that another replica did not, under another epoch.
     SplitBrain,
 }
+
+impl VolumeHealth {
+    /// The API spelling (`healthy`, `degraded`, `resyncing`, `unavailable`, `split-brain`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeHealth::Healthy => "healthy",
+            VolumeHealth::Degraded => "degraded",
+            VolumeHealth::Resyncing => "resyncing",
+            VolumeHealth::Unavailable => "unavailable",
+            VolumeHealth::SplitBrain => "split-brain",
+        }
+    }
+}
+
+impl ReplicaState {
+    /// The API spelling (`in-sync`, `catching-up`, `outdated`, `diskless`, `disconnected`,
+    /// `split-brain`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplicaState::InSync => "in-sync",
+            ReplicaState::CatchingUp => "catching-up",
+            ReplicaState::Outdated => "outdated",
+            ReplicaState::Diskless => "diskless",
+            ReplicaState::Disconnected => "disconnected",
+            ReplicaState::SplitBrain => "split-brain",
+        }
+    }
+}

@@ -328,3 +328,27 @@ fn samples_match_the_types() {
     check::<MirrorVolume>("mirrorvolume.yaml");
     check::<SANNode>("sannode.yaml");
 }
+
+#[test]
+fn state_and_health_spellings_are_the_api_values() {
+    use crate::mirrorvolume::{ReplicaState, VolumeHealth};
+    for s in [
+        ReplicaState::InSync,
+        ReplicaState::CatchingUp,
+        ReplicaState::Outdated,
+        ReplicaState::Diskless,
+        ReplicaState::Disconnected,
+        ReplicaState::SplitBrain,
+    ] {
+        assert_eq!(serde_json::to_value(s).unwrap(), serde_json::json!(s.as_str()));
+    }
+    for h in [
+        VolumeHealth::Healthy,
+        VolumeHealth::Degraded,
+        VolumeHealth::Resyncing,
+        VolumeHealth::Unavailable,
+        VolumeHealth::SplitBrain,
+    ] {
+        assert_eq!(serde_json::to_value(h).unwrap(), serde_json::json!(h.as_str()));
+    }
+}

@@ -115,8 +115,7 @@ fn replica_summary(v: &MirrorVolume) -> String {
         .map(|n| match v.status.as_ref().and_then(|s| s.replicas.iter().find(|r| r.node == *n)) {
             None => format!("{n}: not reported"),
             Some(r) => {
-                let state = serde_json::to_value(r.state).ok().and_then(|v| v.as_str().map(str::to_owned));
-                let mut s = format!("{n}: {}", state.unwrap_or_default());
+                let mut s = format!("{n}: {}", r.state.as_str());
                 if let Some(d) = r.detail.as_deref().filter(|d| !d.is_empty()) {
                     s.push_str(&format!(" ({d})"));
                 }
@@ -131,10 +130,7 @@ fn replica_summary(v: &MirrorVolume) -> String {
 pub fn volume_condition(v: &MirrorVolume) -> pb::VolumeCondition {
     let health = v.status.as_ref().and_then(|s| s.health);
     let abnormal = health != Some(VolumeHealth::Healthy);
-    let name = health
-        .and_then(|h| serde_json::to_value(h).ok())
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".into());
+    let name = health.map_or("unknown", VolumeHealth::as_str);
     pb::VolumeCondition { abnormal, message: format!("{name}: {}", replica_summary(v)) }
 }
 

@@ -77,34 +77,11 @@ pub fn describe(replicas: &[String], entries: &[ReplicaStatus], online: impl Fn(
     for node in replicas {
         let state = match effective_state(entry_of(entries, node), online(node)) {
             None => "not created",
-            Some(s) => state_name(s),
+            Some(s) => s.as_str(),
         };
         by_state.entry(state).or_default().push(node);
     }
     by_state.iter().map(|(s, nodes)| format!("{s}: {}", nodes.join(", "))).collect::<Vec<_>>().join("; ")
-}
-
-/// The API spelling of a replica state.
-pub fn state_name(s: ReplicaState) -> &'static str {
-    match s {
-        ReplicaState::InSync => "in-sync",
-        ReplicaState::CatchingUp => "catching-up",
-        ReplicaState::Outdated => "outdated",
-        ReplicaState::Diskless => "diskless",
-        ReplicaState::Disconnected => "disconnected",
-        ReplicaState::SplitBrain => "split-brain",
-    }
-}
-
-/// The API spelling of a volume health.
-pub fn health_name(h: VolumeHealth) -> &'static str {
-    match h {
-        VolumeHealth::Healthy => "healthy",
-        VolumeHealth::Degraded => "degraded",
-        VolumeHealth::Resyncing => "resyncing",
-        VolumeHealth::Unavailable => "unavailable",
-        VolumeHealth::SplitBrain => "split-brain",
-    }
 }
 
 #[cfg(test)]

@@ -154,9 +154,7 @@ pub fn start_server(rt: &tokio::runtime::Runtime) -> Option<(ApiServer, Client)>
             return None;
         }
     };
-    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
-    run(server.kubectl().arg("apply").arg("-f").arg(&crds));
-    run(server.kubectl().args(["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]));
+    server.install_crds();
     let client = rt.block_on(server.client());
     Some((server, client))
 }
@@ -354,12 +352,9 @@ pub fn condition(conds: &[peersan_crds::Condition], type_: &str) -> Option<(Stri
 
 /// Runs qemu-io commands; Ok(output) when every command succeeded, Err(output) otherwise.
 pub fn try_qemu_io(uri: &str, ops: &[String]) -> Result<String, String> {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]).arg(uri);
-    for op in ops {
-        cmd.arg("-c").arg(op);
+    let ops: Vec<&str> = ops.iter().map(String::as_str).collect();
+    match crate::common::qemu_io_try(uri, &ops) {
+        (true, out) => Ok(out),
+        (false, out) => Err(out),
     }
-    let out = cmd.output().unwrap_or_else(|e| panic!("qemu-io: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if out.status.success() && !text.contains("failed") && !text.contains("error") { Ok(text) } else { Err(text) }
 }

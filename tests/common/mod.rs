@@ -101,6 +101,18 @@ pub fn qemu_io(uri: &str, ops: &[String]) -> String {
     out
 }
 
+/// Runs qemu-io commands without asserting: whether every command succeeded, and the output.
+pub fn qemu_io_try(uri: &str, ops: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]).arg(uri);
+    for op in ops {
+        cmd.arg("-c").arg(op);
+    }
+    let out = cmd.output().unwrap_or_else(|e| panic!("qemu-io: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success() && !text.contains("failed") && !text.contains("error"), text)
+}
+
 /// A model of the volume's content, kept by the test.
 pub struct Image {
     pub data: Vec<u8>,

@@ -54,6 +54,25 @@ impl ApiServer {
         cmd
     }
 
+    /// `kubectl apply -f crds/` (the generated CRDs), then waits until every CRD is
+    /// Established; panics with kubectl's output when either fails.
+    pub fn install_crds(&self) {
+        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        for args in [
+            vec!["apply".to_owned(), "-f".to_owned(), crds.display().to_string()],
+            ["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"].map(str::to_owned).to_vec(),
+        ] {
+            let out = self.kubectl().args(&args).output().expect("running kubectl");
+            assert!(
+                out.status.success(),
+                "kubectl {}: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+
     /// A `kube::Client` for this server.
     pub async fn client(&self) -> kube::Client {
         let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)

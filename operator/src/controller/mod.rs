@@ -48,7 +48,7 @@ use crate::error::{self, BLOCKED_RETRY, CONFLICT_RETRY, INVALID_SPEC_RETRY, is_c
 use crate::events::{EventType, Recorder, Reporter};
 use crate::liveness::{self, Liveness};
 use crate::metrics::Metrics;
-use crate::volume::{self, describe, health_name};
+use crate::volume::{self, describe};
 use crate::{Error, ErrorKind, FINALIZER, MANAGER, address, members};
 
 mod objects;

@@ -150,7 +150,7 @@ pub(super) async fn reconcile_volume(
 
     match (previous.health, health) {
         (Some(VolumeHealth::Healthy | VolumeHealth::Resyncing), VolumeHealth::Degraded | VolumeHealth::Unavailable) => {
-            let note = format!("volume {name} is {}: {replicas}", health_name(health));
+            let note = format!("volume {name} is {}: {replicas}", health.as_str());
             publish(ctx, v, EventType::Warning, reason::VOLUME_DEGRADED, note).await;
         }
         (Some(VolumeHealth::Resyncing), VolumeHealth::Healthy) => {
