@@ -204,6 +204,9 @@ impl Node {
             io_timeout: config.timeouts.peer_io,
             reconnect_max: Duration::from_secs(2),
             resync_rate: config.resync.rate.0,
+            refuse_degraded: std::sync::atomic::AtomicBool::new(
+                config.degraded_writes == crate::config::DegradedWrites::Refuse,
+            ),
         });
         let peers = config.peers.iter().map(|p| (p.name.clone(), p.address.clone())).collect();
         let node = Arc::new(Node {

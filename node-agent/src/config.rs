@@ -23,6 +23,7 @@
 //!   connect: 2s
 //! resync:
 //!   rate: 100MiB                  # per second and volume; 0 = unlimited
+//! degraded_writes: allow          # or refuse: writes fail while a replica is unreachable
 //! ```
 //!
 //! Unknown keys are rejected by serde (the message names the key and its line); values are
@@ -56,6 +57,9 @@ pub struct Config {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub resync: ResyncConfig,
+    /// What a volume does with writes while one of its replicas is unreachable.
+    #[serde(default)]
+    pub degraded_writes: DegradedWrites,
     /// The CSI Node service; absent = not served (standalone use without Kubernetes).
     #[serde(default)]
     pub csi: Option<CsiConfig>,
@@ -91,6 +95,20 @@ impl CsiConfig {
     pub fn fuse_dir(&self, c: &Config) -> PathBuf {
         self.fuse_dir.clone().unwrap_or_else(|| PathBuf::from(format!("/run/peersan/{}/fuse", c.node.name)))
     }
+}
+
+/// What a volume does with writes while one of its replicas does not receive them
+/// (unreachable, its agent down, or not grown as far as the write reaches).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DegradedWrites {
+    /// Writes go on to the replicas that receive them; what the others missed is marked in
+    /// the out-of-sync bitmaps and copied to them when they return.
+    #[default]
+    Allow,
+    /// Writes fail with EIO until every replica receives them again (nothing is written when
+    /// a replica is known to be missing before the write starts).
+    Refuse,
 }
 
 /// How resynchronisation may load the node.

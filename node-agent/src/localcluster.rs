@@ -92,6 +92,8 @@ pub struct LocalCluster {
     pub peer_io_timeout: Duration,
     /// Resync rate limit in bytes per second (None: the agent's default).
     pub resync_rate: Option<u64>,
+    /// Extra top-level lines for every node's configuration (YAML).
+    pub extra_config: String,
     pub log_filter: String,
     /// Serve the CSI Node service on each member's `csi_socket()`.
     pub csi: bool,
@@ -125,6 +127,7 @@ impl LocalCluster {
             secret_file,
             peer_io_timeout: Duration::from_secs(3),
             resync_rate: None,
+            extra_config: String::new(),
             log_filter: "info".into(),
             csi: false,
         };
@@ -153,6 +156,7 @@ impl LocalCluster {
             if let Some(rate) = self.resync_rate {
                 y += &format!("resync:\n  rate: {rate}\n");
             }
+            y += &self.extra_config;
             y += "peers:\n";
             for (j, p) in self.members.iter().enumerate() {
                 if j != i {

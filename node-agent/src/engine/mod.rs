@@ -85,6 +85,9 @@ pub struct NodeCtx {
     pub reconnect_max: Duration,
     /// Resync copy rate per volume in bytes per second; 0 = unlimited.
     pub resync_rate: u64,
+    /// Writes fail while a replica does not receive them (`degraded_writes: refuse`), rather
+    /// than going on and marking what it missed. Changeable while running.
+    pub refuse_degraded: std::sync::atomic::AtomicBool,
 }
 
 /// A volume's identity: name and its replicas' nodes (sorted; the index in this list is the
@@ -202,6 +205,8 @@ struct Outcome {
     done_in_sync: bool,
     /// A replica refused it: a newer epoch exists.
     fenced: Option<Priority>,
+    /// Replicas that did not execute it (their link failed, or the local disk).
+    failed: u32,
 }
 
 /// Where each peer node is reached (`host:port`), looked up at every (re)connect, so that a
@@ -1286,9 +1291,13 @@ impl Volume {
         }
         match local {
             Some((Ok(()), in_sync)) => out.done_in_sync |= in_sync,
-            Some((Err(e), _)) => self.local_failed(&e),
+            Some((Err(e), _)) => {
+                self.local_failed(&e);
+                out.failed |= 1 << self.me;
+            }
             None => {}
         }
+        out.failed |= failed;
         self.flag_outdated(failed, None, range);
         if let Some(p) = &out.fenced {
             if !self.adopt_priority(p.epoch, &p.holder) {
@@ -1353,6 +1362,9 @@ impl Volume {
             }
         }
         let missed = !sent & self.all_peers;
+        if missed != 0 && self.ctx.refuse_degraded.load(Ordering::Relaxed) {
+            return Err(self.degraded_refusal(missed, "do not receive writes"));
+        }
         self.flag_outdated(missed, None, Some((offset, len)));
 
         let local_fut = async {
@@ -1370,11 +1382,32 @@ impl Volume {
                 self.spec.name, p.holder, p.epoch
             )));
         }
+        if out.failed != 0 && self.ctx.refuse_degraded.load(Ordering::Relaxed) {
+            // Executed on some replicas only (marked for the others): not acknowledged.
+            return Err(self.degraded_refusal(out.failed, "failed to execute it"));
+        }
         if out.done_in_sync {
             Ok(())
         } else {
             Err(io_error(format!("volume {}: no in-sync replica executed the write", self.spec.name)))
         }
+    }
+
+    /// The error of a write under `degraded_writes: refuse` that replicas `mask` miss.
+    fn degraded_refusal(&self, mask: u32, what: &str) -> BlockError {
+        let names: Vec<&str> = self
+            .spec
+            .replicas
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask & (1 << i) != 0)
+            .map(|(_, n)| n.as_str())
+            .collect();
+        io_error(format!(
+            "volume {}: write refused: replica(s) {} {what}, and the volume refuses degraded writes",
+            self.spec.name,
+            names.join(", ")
+        ))
     }
 
     /// How long a read or a flush that finds no in-sync replica to serve it waits for one

@@ -237,6 +237,10 @@ pub fn spec_config(node: &SANNode, opts: &Options) -> Result<Config, NotReady> {
         volumes: Vec::new(),
         timeouts: Timeouts::default(),
         resync: ResyncConfig { rate },
+        degraded_writes: match spec.degraded_writes {
+            peersan_crds::DegradedWrites::Allow => crate::config::DegradedWrites::Allow,
+            peersan_crds::DegradedWrites::Refuse => crate::config::DegradedWrites::Refuse,
+        },
         csi: opts.csi_socket.as_ref().map(|socket| CsiConfig {
             socket: socket.clone(),
             state_dir: opts.csi_state_dir.clone(),
@@ -401,6 +405,13 @@ async fn run_node(client: Client, opts: &Options) -> Result<(), KubeError> {
                 }
                 if next.spec.resync_rate != running.spec.resync_rate {
                     tracing::warn!(from = %running.spec.resync_rate, to = %next.spec.resync_rate, "spec.resyncRate changed; it applies from the next start of the node agent");
+                }
+                if next.spec.degraded_writes != running.spec.degraded_writes {
+                    tracing::info!(to = ?next.spec.degraded_writes, "spec.degradedWrites changed");
+                    node.ctx.refuse_degraded.store(
+                        next.spec.degraded_writes == peersan_crds::DegradedWrites::Refuse,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                 }
                 node.set_peers(&peers_of(&next, &opts.node));
                 generation = next.metadata.generation;
