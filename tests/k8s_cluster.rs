@@ -133,6 +133,12 @@ fn virtual_san_volume_lifecycle_and_write_priority() {
     let (a, b) = (replicas[0].clone(), replicas[1].clone());
     let outsider = names.iter().find(|n| !replicas.contains(&n.to_string())).unwrap().to_string();
     assert_eq!(c.write_priority(vol), Some((a.clone(), 1)), "the first replica holds write priority at epoch 1");
+    let owners = c.get_lease(&peersan_crds::lease::volume_lease_name(vol).unwrap()).unwrap().metadata.owner_references;
+    assert_eq!(
+        owners.unwrap_or_default().iter().map(|o| (o.kind.as_str(), o.uid.as_str())).collect::<Vec<_>>(),
+        vec![("MirrorVolume", mv.metadata.uid.as_deref().unwrap())],
+        "the Lease is owned by its MirrorVolume (garbage-collected with it)"
+    );
     // The agents leave volumes and write priority to the control plane: their API refuses.
     let out = Command::new(kube_cluster::peersan_bin())
         .arg(format!("--socket={}", c.node(&b).api_socket().display()))

@@ -266,6 +266,20 @@ impl ClusterController {
         Err(CsiError::Aborted(format!("Lease {name} keeps changing under this update; retry")))
     }
 
+    /// Makes the volume's Lease owned by its MirrorVolume, so that the garbage collector
+    /// removes a Lease left behind by a deletion cut short. Best effort: DeleteVolume deletes
+    /// the Lease itself.
+    async fn own_lease(&self, v: &MirrorVolume) {
+        let (Some(name), Some(uid)) = (v.metadata.name.as_deref(), v.metadata.uid.as_deref()) else { return };
+        let Ok(lease_name) = lease::volume_lease_name(name) else { return };
+        let patch = json!({ "metadata": { "ownerReferences": [{
+            "apiVersion": "peersan.io/v1alpha1", "kind": "MirrorVolume", "name": name, "uid": uid,
+        }] } });
+        if let Err(e) = self.leases.patch(&lease_name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            tracing::warn!(volume = name, error = %e, "cannot make the MirrorVolume own its Lease");
+        }
+    }
+
     async fn set_attached(&self, volume: &str, nodes: &[String]) -> CsiResult<()> {
         let patch = json!({
             "apiVersion": "peersan.io/v1alpha1",
@@ -394,6 +408,7 @@ impl Controller for ClusterController {
                 match self.volumes.create(&PostParams::default(), &v).await {
                     Ok(v) => {
                         tracing::info!(volume = name, size, replicas = ?chosen, san = %san_name, "volume created");
+                        self.own_lease(&v).await;
                         v
                     }
                     Err(kube::Error::Api(s)) if s.code == 409 => {
