@@ -967,3 +967,60 @@ use k8s::ApiServer;
 fn start_api_server() -> Result<ApiServer, String> {
     ApiServer::start()
 }
+
+/// The command lines the chart gives peersan's binaries (default values) are accepted by
+/// those binaries: each is run with its rendered arguments (`$(VAR)` references filled in)
+/// and `--help`, which parses every argument before it prints the help, so an unknown flag
+/// or a malformed value fails (clap's usage error) and nothing else runs.
+#[test]
+fn rendered_commands_are_accepted_by_the_binaries() {
+    let Some(helm) = Helm::new() else { return };
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_peersan-operator")).parent().unwrap().to_owned();
+    let docs = parse_docs(&helm.template(&[]));
+    let mut checked = BTreeSet::new();
+    for doc in &docs {
+        let kind = doc.value["kind"].as_str().unwrap_or_default();
+        if !["Deployment", "DaemonSet"].contains(&kind) {
+            continue;
+        }
+        let containers = doc.value["spec"]["template"]["spec"]["containers"].as_sequence().unwrap();
+        for c in containers {
+            let Some(command) = c["command"].as_sequence() else { continue };
+            let Some(path) = command.first().and_then(Value::as_str) else { continue };
+            let Some(binary) = path.strip_prefix("/usr/local/bin/") else { continue };
+            let local = bin_dir.join(binary);
+            if !local.is_file() {
+                skip(&format!("{} is not built (cargo test --workspace builds every binary)", local.display()));
+                return;
+            }
+            let args: Vec<String> = c["args"]
+                .as_sequence()
+                .map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
+                .unwrap_or_default();
+            // Kubernetes expands $(VAR) from the container's environment.
+            let args: Vec<String> = args
+                .iter()
+                .map(|a| {
+                    let mut a = a.clone();
+                    while let (Some(s), Some(e)) = (a.find("$("), a.find(')')) {
+                        a.replace_range(s..=e, "value");
+                    }
+                    a
+                })
+                .collect();
+            let out = Command::new(&local).args(&args).arg("--help").env_remove("KUBECONFIG").output().unwrap();
+            assert!(
+                out.status.success(),
+                "{kind} {}: `{binary} {}` is refused by the binary (run alone, this test uses the \
+                 binaries as last built: `cargo build --workspace --bins` first):\n{}",
+                doc.value["metadata"]["name"].as_str().unwrap_or_default(),
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked.insert(binary.to_owned());
+        }
+    }
+    let expected: BTreeSet<String> =
+        ["peersan-csi-controller", "peersan-node-agent", "peersan-operator"].map(str::to_owned).into();
+    assert_eq!(checked, expected, "every peersan binary of the chart was checked");
+}
