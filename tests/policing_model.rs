@@ -44,6 +44,8 @@ struct Config {
     /// Grants expire in bounded time by every node's clock (the assumption of the design).
     /// Without it, a cut-off holder keeps believing its grant; data safety must still hold.
     bounded_clocks: bool,
+    /// Check (c), at most one holder per region and epoch: claimed only with bounded clocks.
+    single_holder: bool,
     bug: Bug,
 }
 
@@ -1039,7 +1041,7 @@ fn check(m: &Model, s: &State, checks: &mut Checks) -> Result<(), String> {
             }
         }
         // (c) at most one node believes it holds r at a given epoch.
-        if cfg.bounded_clocks {
+        if cfg.single_holder {
             checks.c += 1;
             for e in 0..=s.epoch {
                 let holders = (0..cfg.nodes)
@@ -1222,6 +1224,7 @@ fn faults(name: &'static str, scripts: &[&[u8]], regions: usize, losses: u8, cra
         losses,
         crashes,
         bounded_clocks: true,
+        single_holder: true,
         bug: Bug::None,
     }
 }
@@ -1245,7 +1248,7 @@ fn holds(cfg: Config) {
     assert!(out.states > 1 && out.settled > 0, "{}: nothing explored", cfg.name);
     let c = &out.checks;
     assert!(c.a > 0 && c.b > 0 && c.d > 0 && c.e > 0, "{}: an invariant was never checked", cfg.name);
-    assert!(c.c > 0 || !cfg.bounded_clocks, "{}: (c) was never checked", cfg.name);
+    assert!(c.c > 0 || !cfg.single_holder, "{}: (c) was never checked", cfg.name);
     assert_eq!(out.stuck, 0, "{}: states from which no settled state is reachable", cfg.name);
 }
 
@@ -1301,12 +1304,14 @@ fn three_nodes_two_regions() {
 fn unbounded_clocks_keep_data_safe() {
     let mut cfg = config("2 nodes, 1 region, unbounded clocks", &[&[1, 1], &[1, 1]], 1, 2);
     cfg.bounded_clocks = false;
-    holds(cfg.clone());
+    cfg.single_holder = false;
+    holds(cfg);
     for (name, losses, crashes) in
         [("3 nodes, 1 region, unbounded clocks, 1 loss", 1, 0), ("3 nodes, 1 region, unbounded clocks, 1 crash", 0, 1)]
     {
         let mut cfg3 = faults(name, &[&[1], &[1], &[1]], 1, losses, crashes);
         cfg3.bounded_clocks = false;
+        cfg3.single_holder = false;
         holds(cfg3);
     }
 }
@@ -1321,4 +1326,9 @@ fn broken_variants_are_caught() {
     assert!(v.starts_with("(a)") || v.starts_with("(b)"), "replicas not checking grants: {v}");
     let v = caught(three, Bug::DropArbiter);
     assert!(v.starts_with("(d)"), "writer dropping the arbiter's replica: {v}");
+    // (c) rests on bounded clocks: without them two nodes may believe they hold a region.
+    let mut unbounded = config("2 nodes, 1 region, unbounded clocks", &[&[1, 1], &[1, 1]], 1, 1);
+    unbounded.bounded_clocks = false;
+    let v = caught(unbounded, Bug::None);
+    assert!(v.starts_with("(c)"), "single holder without bounded clocks: {v}");
 }
