@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, MAX_REPLICAS, PeerConfig, VolumeConfig, check_name};
+use crate::config::{Config, MAX_REPLICAS, PeerConfig, VolumeConfig, WritePolicy, check_name};
 use crate::engine::{NodeCtx, PeerAddresses, Volume, VolumeSpec};
 use crate::nbd::{ExportInfo, Exports};
 use crate::peer::handshake::HandshakeConfig;
@@ -44,6 +44,9 @@ struct RecordedVolume {
     attached_node: String,
     #[serde(default, skip_serializing_if = "is_zero")]
     attachment_seq: u64,
+    /// Multi-writer volumes: the region size of write priority (absent: single writer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    multi_writer_region: Option<u64>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -227,6 +230,12 @@ impl Node {
                         size: crate::config::ByteSize(rv.size),
                         replicas: rv.replicas.clone(),
                         device: rv.device.clone(),
+                        write_policy: if rv.multi_writer_region.is_some() {
+                            WritePolicy::MultiWriter
+                        } else {
+                            WritePolicy::SingleWriter
+                        },
+                        region_size: rv.multi_writer_region.map(crate::config::ByteSize),
                     },
                     true,
                 ));
@@ -346,6 +355,7 @@ impl Node {
                         from_api,
                         attached_node: String::new(),
                         attachment_seq: 0,
+                        multi_writer_region: v.policing_region(),
                     },
                 );
                 self.save_record(&next)?;
@@ -357,7 +367,7 @@ impl Node {
             }
             Some(_) => {}
         }
-        let spec = VolumeSpec { name: v.name.clone(), replicas };
+        let spec = VolumeSpec { name: v.name.clone(), replicas, multi_writer: v.policing_region() };
         let peers = self.peers.clone();
         let addresses: PeerAddresses = Arc::new(move |name: &str| peers.read().unwrap().get(name).cloned());
         let volume = Volume::new(spec, size, self.ctx.clone(), replica, detail, addresses);
@@ -433,14 +443,21 @@ impl Node {
     /// Idempotent for an identical definition. Every other replica node must be a peer
     /// with a known address.
     pub fn create_local(&self, name: &str, size: u64, replicas: &[String]) -> Result<Arc<Volume>, AgentError> {
-        self.create_replica(name, size, replicas, true)
+        self.create_replica(name, size, replicas, true, None)
     }
 
     /// Creates this node's replica of a volume that the control plane placed on `replicas`
     /// (Kubernetes mode): like [`Node::create_local`], except that the other replica nodes
     /// need no known address yet; their links connect once [`Node::set_peers`] names them.
-    pub fn create_member(&self, name: &str, size: u64, replicas: &[String]) -> Result<Arc<Volume>, AgentError> {
-        self.create_replica(name, size, replicas, false)
+    /// `multi_writer_region`: the region size of a multi-writer volume (None: single writer).
+    pub fn create_member(
+        &self,
+        name: &str,
+        size: u64,
+        replicas: &[String],
+        multi_writer_region: Option<u64>,
+    ) -> Result<Arc<Volume>, AgentError> {
+        self.create_replica(name, size, replicas, false, multi_writer_region)
     }
 
     fn create_replica(
@@ -449,6 +466,7 @@ impl Node {
         size: u64,
         replicas: &[String],
         known_peers: bool,
+        multi_writer_region: Option<u64>,
     ) -> Result<Arc<Volume>, AgentError> {
         check_name("name", name).map_err(|e| AgentError::Invalid(e.to_string()))?;
         if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
@@ -481,7 +499,7 @@ impl Node {
         // free space) do not both pass the checks.
         let _space = self.space.lock().unwrap();
         if let Some(v) = self.get(name) {
-            if v.size() == size && v.spec().replicas == sorted {
+            if v.size() == size && v.spec().replicas == sorted && v.spec().multi_writer == multi_writer_region {
                 return Ok(v);
             }
             return Err(AgentError::Conflict {
@@ -506,7 +524,14 @@ impl Node {
                 space.free
             )));
         }
-        let v = VolumeConfig { name: name.into(), size: crate::config::ByteSize(size), replicas: sorted, device: None };
+        let v = VolumeConfig {
+            name: name.into(),
+            size: crate::config::ByteSize(size),
+            replicas: sorted,
+            device: None,
+            write_policy: if multi_writer_region.is_some() { WritePolicy::MultiWriter } else { WritePolicy::SingleWriter },
+            region_size: multi_writer_region.map(crate::config::ByteSize),
+        };
         self.open_volume(&v, true)
     }
 

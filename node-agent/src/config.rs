@@ -195,6 +195,40 @@ pub struct VolumeConfig {
     pub replicas: Vec<String>,
     #[serde(default)]
     pub device: Option<PathBuf>,
+    /// Whether one node (the write-priority holder) or several may write the volume at once.
+    /// Every replica's configuration must say the same.
+    #[serde(default)]
+    pub write_policy: WritePolicy,
+    /// Multi-writer volumes: bytes per region of write priority (a power of two from 4 KiB to
+    /// 4 MiB; default 1 MiB). Every replica's configuration must say the same.
+    #[serde(default)]
+    pub region_size: Option<ByteSize>,
+}
+
+/// Who may write a volume (see `engine/POLICING.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WritePolicy {
+    /// Only the node holding write priority (the volume's Lease, or `promote`) writes.
+    #[default]
+    SingleWriter,
+    /// Every replica node writes; write priority is negotiated per region between the
+    /// engines, the priority holder arbitrating.
+    MultiWriter,
+}
+
+/// Default region size of multi-writer volumes.
+pub const DEFAULT_REGION_SIZE: u64 = 1 << 20;
+/// Region sizes allowed: a whole number of bitmap blocks, inside one activity-log extent.
+pub const MIN_REGION_SIZE: u64 = 4096;
+pub const MAX_REGION_SIZE: u64 = 4 << 20;
+
+impl VolumeConfig {
+    /// The region size of a multi-writer volume; None for single-writer volumes.
+    pub fn policing_region(&self) -> Option<u64> {
+        (self.write_policy == WritePolicy::MultiWriter)
+            .then(|| self.region_size.map_or(DEFAULT_REGION_SIZE, |b| b.0))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -381,6 +415,20 @@ pub fn check_volume(key: &str, v: &VolumeConfig, known_nodes: &BTreeSet<&str>, m
             format!("this node ({me}) does not hold a replica of the volume"),
         ));
     }
+    if let Some(r) = v.region_size {
+        if v.write_policy != WritePolicy::MultiWriter {
+            return Err(invalid(
+                format!("{key}.region_size"),
+                "applies only to write_policy: multi-writer volumes".to_string(),
+            ));
+        }
+        if !r.0.is_power_of_two() || !(MIN_REGION_SIZE..=MAX_REGION_SIZE).contains(&r.0) {
+            return Err(invalid(
+                format!("{key}.region_size"),
+                format!("{} bytes is not a power of two from 4KiB to 4MiB", r.0),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -530,11 +578,27 @@ resync: { rate: 20MiB }
             ("peer_io: 750ms", "peer_io: 1ms", "timeouts.peer_io"),
             ("peer_io: 750ms", "peer_io: 5 parsecs", "timeouts"),
             ("rate: 20MiB", "rate: fast", "resync"),
+            ("replicas: [a, b] }", "replicas: [a, b], region_size: 1MiB }", "only to write_policy: multi-writer"),
+            ("replicas: [a, b] }", "replicas: [a, b], write_policy: multi-writer, region_size: 3MiB }", "power of two"),
+            ("replicas: [a, b] }", "replicas: [a, b], write_policy: multi-writer, region_size: 8MiB }", "4KiB to 4MiB"),
+            ("replicas: [a, b] }", "replicas: [a, b], write_policy: many }", "write_policy"),
         ];
         for (from, to, want) in cases {
             let e = err(&GOOD.replace(from, to));
             assert!(e.contains(want), "{from} -> {to}: {e}");
         }
+    }
+
+    #[test]
+    fn write_policy_and_region_size() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.volumes[0].write_policy, WritePolicy::SingleWriter);
+        assert_eq!(c.volumes[0].policing_region(), None);
+        let c = Config::parse(&GOOD.replace("replicas: [a, b] }", "replicas: [a, b], write_policy: multi-writer }"))
+            .unwrap();
+        assert_eq!(c.volumes[0].policing_region(), Some(DEFAULT_REGION_SIZE));
+        let t = GOOD.replace("replicas: [a, b] }", "replicas: [a, b], write_policy: multi-writer, region_size: 64KiB }");
+        assert_eq!(Config::parse(&t).unwrap().volumes[0].policing_region(), Some(64 << 10));
     }
 
     #[test]

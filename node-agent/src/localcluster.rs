@@ -18,11 +18,20 @@ pub struct VolumeDef {
     pub nodes: Vec<usize>,
     /// Raw block devices to use instead of pool files, per member index.
     pub devices: Vec<(usize, PathBuf)>,
+    /// Several nodes write at once (`write_policy: multi-writer`), with this region size
+    /// (None: the default).
+    pub multi_writer: Option<Option<u64>>,
 }
 
 impl VolumeDef {
+    /// A multi-writer volume (`region`: its region size, None for the default).
+    pub fn multi_writer(mut self, region: Option<u64>) -> Self {
+        self.multi_writer = Some(region);
+        self
+    }
+
     pub fn new(name: &str, size: u64, nodes: Vec<usize>) -> Self {
-        VolumeDef { name: name.into(), size, nodes, devices: vec![] }
+        VolumeDef { name: name.into(), size, nodes, devices: vec![], multi_writer: None }
     }
 }
 
@@ -173,6 +182,12 @@ impl LocalCluster {
                     y += &format!("  - name: {}\n    size: {}\n    replicas: [{}]\n", v.name, v.size, reps.join(", "));
                     if let Some((_, dev)) = v.devices.iter().find(|(k, _)| *k == i) {
                         y += &format!("    device: {}\n", dev.display());
+                    }
+                    if let Some(region) = v.multi_writer {
+                        y += "    write_policy: multi-writer\n";
+                        if let Some(r) = region {
+                            y += &format!("    region_size: {r}\n");
+                        }
                     }
                 }
             }

@@ -97,6 +97,9 @@ pub struct NodeCtx {
 pub struct VolumeSpec {
     pub name: String,
     pub replicas: Vec<String>,
+    /// Multi-writer volumes: the region size of write priority (`POLICING.md`); None: the
+    /// write-priority holder is the only writer.
+    pub multi_writer: Option<u64>,
 }
 
 struct Local {

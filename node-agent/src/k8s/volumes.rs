@@ -232,8 +232,10 @@ impl Reconciler {
         let n = name.to_owned();
         let Some(v) = self.node.get(name) else {
             let replicas = mv.spec.replicas.clone();
-            tracing::info!(volume = %name, size, replicas = ?replicas, "creating the local replica");
-            return match tokio::task::spawn_blocking(move || node.create_member(&n, size, &replicas)).await {
+            let region = (mv.spec.write_policy == peersan_crds::WritePolicy::MultiWriter)
+                .then_some(crate::config::DEFAULT_REGION_SIZE);
+            tracing::info!(volume = %name, size, replicas = ?replicas, ?region, "creating the local replica");
+            return match tokio::task::spawn_blocking(move || node.create_member(&n, size, &replicas, region)).await {
                 Ok(Ok(v)) => {
                     // The Lease may predate the engine.
                     self.apply_lease(&v, &mut Memory::default());
