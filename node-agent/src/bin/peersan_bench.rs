@@ -2,11 +2,14 @@
 //! user-space NBD server (qemu-nbd) in the same run, with fio, and prints ratios; its fuse
 //! section measures a 2-way volume as a kernel block device through the FUSE + loop
 //! frontend (and the same volume through NBD); its resync section times replica
-//! resynchronisation against the disk and link speed.
+//! resynchronisation against the disk and link speed; its multiwriter section measures a
+//! volume written from both of its nodes at once against a single-writer one.
 
 mod common;
 #[path = "peersan_bench/fuse.rs"]
 mod fuse;
+#[path = "peersan_bench/multiwriter.rs"]
+mod multiwriter;
 #[path = "peersan_bench/resync.rs"]
 mod resync;
 
@@ -34,8 +37,10 @@ struct Args {
     /// Runs of each job (and of each resync measurement); the median is reported.
     #[arg(long, default_value_t = 1, global = true)]
     repeat: usize,
-    /// Setups to run (comma-separated): local, qemu-nbd, 1-way, 2-way, 3-way, fuse, resync.
-    /// `fuse` (needs root) measures setups `fuse-loop` and `nbd` on one 2-way volume.
+    /// Setups to run (comma-separated): local, qemu-nbd, 1-way, 2-way, 3-way, fuse, resync,
+    /// multiwriter. `fuse` (needs root) measures setups `fuse-loop` and `nbd` on one 2-way
+    /// volume; `multiwriter` (not in the default run) a 2-way volume written from both nodes
+    /// at once against a single-writer one.
     #[arg(long, value_delimiter = ',', default_value = "local,qemu-nbd,1-way,2-way,3-way,fuse,resync")]
     setups: Vec<String>,
     /// Working directory (on the disk to measure); default: a fresh directory in /var/tmp.
@@ -64,6 +69,10 @@ struct Args {
     /// during a resync; default: the agent's default.
     #[arg(long, value_parser = peersan_node_agent::config::ByteSize::parse, global = true)]
     resync_rate_during: Option<peersan_node_agent::config::ByteSize>,
+    /// Multiwriter section: region size of the multi-writer volume; default: the agent's
+    /// default.
+    #[arg(long, value_parser = peersan_node_agent::config::ByteSize::parse, global = true)]
+    mw_region: Option<peersan_node_agent::config::ByteSize>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -73,6 +82,8 @@ enum Cmd {
     Agent(Box<common::agent::AgentArgs>),
     /// Run only the resync section (same as `--setups resync`).
     Resync,
+    /// Run only the multiwriter section (same as `--setups multiwriter`).
+    Multiwriter,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -111,6 +122,8 @@ struct Report {
     peak_rss_kib: BTreeMap<String, u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     resync: Option<resync::ResyncReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    multiwriter: Option<multiwriter::MultiWriterReport>,
 }
 
 enum Target {
@@ -242,6 +255,7 @@ fn main() -> anyhow::Result<()> {
     match a.cmd.take() {
         Some(Cmd::Agent(args)) => return common::agent::run_agent(*args),
         Some(Cmd::Resync) => a.setups = vec!["resync".into()],
+        Some(Cmd::Multiwriter) => a.setups = vec!["multiwriter".into()],
         None => {}
     }
     let dir = a.dir.clone().unwrap_or_else(|| PathBuf::from(format!("/var/tmp/peersan-bench-{}", std::process::id())));
@@ -250,6 +264,7 @@ fn main() -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut rss = BTreeMap::new();
     let mut resync_report = None;
+    let mut multiwriter_report = None;
     if a.setups.iter().any(|s| s != "resync") {
         eprintln!(
             "peersan-bench: {} per target, {} s per job, {} run(s) each, in {}",
@@ -329,7 +344,18 @@ fn main() -> anyhow::Result<()> {
                 };
                 resync_report = Some(resync::run(&dir, &o)?);
             }
-            other => bail!("unknown setup {other:?} (local, qemu-nbd, 1-way, 2-way, 3-way, fuse, resync)"),
+            "multiwriter" => {
+                let o = multiwriter::Options {
+                    size,
+                    runtime: a.runtime,
+                    repeat: a.repeat,
+                    region: a.mw_region.map(|r| r.0),
+                };
+                multiwriter_report = Some(multiwriter::run(&dir, &o)?);
+            }
+            other => {
+                bail!("unknown setup {other:?} (local, qemu-nbd, 1-way, 2-way, 3-way, fuse, resync, multiwriter)")
+            }
         }
     }
     if !results.is_empty() {
@@ -341,6 +367,12 @@ fn main() -> anyhow::Result<()> {
         }
         resync::print(r);
     }
+    if let Some(r) = &multiwriter_report {
+        if !results.is_empty() || resync_report.is_some() {
+            println!();
+        }
+        multiwriter::print(r);
+    }
     if let Some(p) = &a.json {
         let report = Report {
             size_bytes: size,
@@ -349,6 +381,7 @@ fn main() -> anyhow::Result<()> {
             results,
             peak_rss_kib: rss,
             resync: resync_report,
+            multiwriter: multiwriter_report,
         };
         std::fs::write(p, serde_json::to_vec_pretty(&report)?)?;
         eprintln!("results written to {}", p.display());
