@@ -12,7 +12,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use peersan_node_agent::peer::handshake::{HandshakeConfig, HandshakeError, client_handshake, client_handshake_with};
-use peersan_node_agent::peer::proto::{ErrorCode, Frame, PeerCodec, ReplicaStateMsg, Reply, Request, encode_request};
+use peersan_node_agent::peer::proto::{
+    ErrorCode, Frame, PeerCodec, ReplicaStateMsg, Reply, Request, Tags, encode_request,
+};
 use tokio::io::AsyncWriteExt;
 use tokio_util::codec::Framed;
 
@@ -204,6 +206,7 @@ fn corrupted_and_malformed_peer_frames_are_refused() {
             sent: 3,
             epoch: 0,
             data: vec![fill; 4096].into(),
+            tags: Tags::default(),
         };
         let mut buf = BytesMut::new();
         encode_request(2, &write(0x77), &mut buf).unwrap();
@@ -246,7 +249,7 @@ fn corrupted_and_malformed_peer_frames_are_refused() {
         let e = client_handshake_with(&mut s, &peer_cfg("node-2", secret.clone()), (7, 9), 0).await.unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, HandshakeError::Refused(_) | HandshakeError::VersionMismatch { .. }), "{e:?}");
-        assert!(msg.contains("7..9") && msg.contains("2..2"), "{msg}");
+        assert!(msg.contains("7..9") && msg.contains("3..3"), "{msg}");
 
         // A process without the secret is refused and can neither write nor read.
         let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
