@@ -6,8 +6,9 @@
 //! the replicas and every node's export must be identical, every block whole, and the
 //! content must be what some serial order of the writes that respects real time gives,
 //! with every acknowledged write in it. Also: a live migration (a second node starts
-//! writing while the first goes on, then the first leaves) and the kill -9 of the
-//! write-priority holder (the arbiter) under load, with a survivor promoted.
+//! writing while the first goes on, then the first leaves), the kill -9 of the
+//! write-priority holder (the arbiter) under load, with a survivor promoted, and the kill -9
+//! of another writer under load.
 //!
 //! `PEERSAN_MW_SEED` replays a run (every test prints its seed); `PEERSAN_KEEP_TEST_DIR`
 //! keeps the agents' logs and replicas. The cluster tests run one at a time (they measure
@@ -278,11 +279,12 @@ impl Run {
             })
             .collect();
         format!(
-            "{}: seed {} writes {} in {:.1}s; {}",
+            "{}: seed {} writes {} in {:.1}s, {} of them concurrent with another node's write to the same region; {}",
             self.name,
             self.seed,
             h.len(),
             self.started.elapsed().as_secs_f64(),
+            h.contended(self.region),
             per_node.join("; ")
         )
     }
@@ -295,6 +297,15 @@ impl Run {
                 drop(h);
                 self.fail(&format!("node-{}: {failed} writes failed, first: {}", i + 1, first.join("; ")));
             }
+        }
+    }
+
+    /// Asserts that at least `min` writes ran while another node wrote the same region:
+    /// the test made the nodes contend, the protocol had something to arbitrate.
+    fn assert_contended(&self, min: usize) {
+        let contended = self.history.lock().unwrap().contended(self.region);
+        if contended < min {
+            self.fail(&format!("only {contended} writes contended with another node's (at least {min} expected)"));
         }
     }
 
@@ -366,6 +377,7 @@ fn concurrent_writers(name: &'static str, n: usize, region: Option<u64>) {
     }
     r.log(r.summary());
     r.assert_no_failures(&nodes);
+    r.assert_contended(500);
     r.check();
 }
 
@@ -404,6 +416,7 @@ fn live_migration_keeps_every_write() {
     r.stop_writer(b);
     r.log(r.summary());
     r.assert_no_failures(&[a, b]);
+    r.assert_contended(100);
     assert!(a_stats.disconnected.is_none(), "node-1's connection broke: {:?}", a_stats.disconnected);
     // A pause of a peer_io timeout or more is a stall the migration must not cause.
     let worst = r.history.lock().unwrap().max_latency(a).unwrap();
@@ -476,6 +489,50 @@ fn holder_killed_under_load() {
         }
     }
     r.log(r.summary());
+    r.assert_contended(500);
+    r.check();
+}
+
+/// Three nodes write; a writer that does not hold write priority is killed with writes in
+/// flight and grants in hand. The arbiter reclaims its regions and recovers them; the
+/// others' writes go on without an error (the dead node's replica is dropped, not waited
+/// for); the killed node returns and resynchronises.
+#[test]
+fn writer_killed_under_load() {
+    let _serial = serial();
+    let name = "writer_killed_under_load";
+    let seed = seed(name);
+    let peer_io = Duration::from_secs(2);
+    let mut r = Run::new(name, seed, 3, Some(128 << 10), peer_io);
+    let v = r.c.volume(0, VOLUME).unwrap_or_else(|e| r.fail(&e));
+    let holder = r.c.members.iter().position(|m| m.name == v.writer).unwrap_or_else(|| r.fail("no holder"));
+    let victim = (holder + 1 + (seed % 2) as usize) % 3;
+    let survivors: Vec<usize> = (0..3).filter(|&i| i != victim).collect();
+    for i in 0..3 {
+        r.start_writer(i, shared_and_private(i));
+    }
+    r.until_acked(&[0, 1, 2], Duration::ZERO, 800, Duration::from_secs(2), true);
+    let in_flight = r.history.lock().unwrap().in_flight();
+    r.c.kill(victim);
+    let killed = r.now();
+    r.log(format!("killed node-{} (not the holder) with {in_flight} writes in flight", victim + 1));
+    let victim_stats = r.stop_writer(victim);
+    assert!(victim_stats.disconnected.is_some(), "the killed node's writer kept its connection");
+    // The survivors' writes to the shared area need the dead node's regions back: the
+    // arbiter reclaims them once its grants expired.
+    r.until_acked(&survivors, killed, 800, Duration::from_secs(1), false);
+    r.log("writes went on on every survivor".into());
+    r.c.start(victim).unwrap_or_else(|e| r.fail(&format!("restarting node-{}: {e}", victim + 1)));
+    r.wait_all_healthy("after the writer's restart");
+    let back = r.now();
+    r.log(format!("node-{} is back in sync", victim + 1));
+    r.until_acked(&survivors, back, 300, Duration::from_secs(1), false);
+    for &i in &survivors {
+        r.stop_writer(i);
+    }
+    r.log(r.summary());
+    r.assert_no_failures(&survivors);
+    r.assert_contended(500);
     r.check();
 }
 

@@ -127,6 +127,36 @@ impl History {
         self.writes.iter().filter(|w| w.node == node).filter_map(|w| w.end.map(|e| e.saturating_sub(w.start))).max()
     }
 
+    /// How many writes ran at the same time as a write of another node to the same region
+    /// (`region` bytes): the contention the policing protocol had to arbitrate.
+    pub fn contended(&self, region: u64) -> usize {
+        // Per region, the writes touching it: (start, end, node, index).
+        let mut per_region: HashMap<u64, Vec<(Duration, Duration, usize, usize)>> = HashMap::new();
+        for (i, w) in self.writes.iter().enumerate() {
+            let Some(end) = w.end else { continue };
+            for r in w.off / region..=(w.off + w.len - 1) / region {
+                per_region.entry(r).or_default().push((w.start, end, w.node, i));
+            }
+        }
+        let mut contended = vec![false; self.writes.len()];
+        for list in per_region.values_mut() {
+            list.sort_unstable();
+            // Writes still running at the current start, by node.
+            let mut active: Vec<(Duration, usize, usize)> = Vec::new();
+            for &(start, end, node, i) in list.iter() {
+                active.retain(|&(e, _, _)| e > start);
+                for &(_, n, j) in &active {
+                    if n != node {
+                        contended[i] = true;
+                        contended[j] = true;
+                    }
+                }
+                active.push((end, node, i));
+            }
+        }
+        contended.iter().filter(|&&c| c).count()
+    }
+
     /// The write's data: one self-describing block per 4 KiB.
     pub fn data(seq: u64, off: u64, len: u64) -> Vec<u8> {
         let mut data = vec![0u8; len as usize];
@@ -748,6 +778,28 @@ mod tests {
         let r = one(&h, image(&[(0, f), (1, a)]));
         assert_eq!(r.stale, BTreeSet::from([0]), "{r}");
         assert!(one(&h, image(&[(0, b), (1, f)])).clean());
+    }
+
+    #[test]
+    fn contention_counts_overlaps_in_time_and_region_across_nodes() {
+        let mut h = History::new(SIZE);
+        let region = 4 * B;
+        // Node 0 and node 1 in region 0 at the same time: both count.
+        acked(&mut h, 0, 1, 0, 10);
+        let s = h.issue_at(1, 3 * B, B, ms(5));
+        h.complete_at(s, Outcome::Acked, ms(15));
+        // Node 1 in region 0 afterwards, node 0 in region 1 at the same time as it, one node
+        // twice at once in region 2: none counts.
+        let s = h.issue_at(1, 0, B, ms(20));
+        h.complete_at(s, Outcome::Acked, ms(30));
+        acked(&mut h, 4, 1, 20, 30);
+        acked(&mut h, 8, 1, 40, 50);
+        acked(&mut h, 9, 1, 40, 50);
+        assert_eq!(h.contended(region), 2);
+        // A write straddling regions 1 and 2 of node 1 while node 0 writes region 2.
+        let s = h.issue_at(1, 7 * B, 2 * B, ms(45));
+        h.complete_at(s, Outcome::Acked, ms(60));
+        assert_eq!(h.contended(region), 5);
     }
 
     #[test]
