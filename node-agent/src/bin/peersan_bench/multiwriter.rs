@@ -8,7 +8,9 @@
 //! * (b) the multi-writer volume, node-1 on the first half and node-2 on the second at once:
 //!   aggregate IOPS against (a) (target: at least 90 %);
 //! * (c) the multi-writer volume, both nodes on the same 1 MiB at once: every write
-//!   contends for one region (with the default region size).
+//!   contends for one region (with the default region size); against (a) and against
+//!   (a-hot), one job on node-1 over 1 MiB of the single-writer volume (a small working set
+//!   is cheaper in itself: its pages stay in the CPU caches and few are dirty at once).
 //!
 //! Before measuring, node-1 writes the first half of each volume once and node-2 the second
 //! half of the multi-writer one, so that neither the replica files' first touch nor the
@@ -195,6 +197,7 @@ pub fn run(dir: &std::path::Path, o: &Options) -> anyhow::Result<MultiWriterRepo
     let mut setups = Vec::new();
     let job = |i: usize, v: &str, offset: u64, size: u64| Job { uri: uri(i, v), offset, size };
     setups.push(measure("(a) single-writer, node-1, first half", &[job(0, SINGLE, 0, half)], &pids, o)?);
+    setups.push(measure("(a-hot) single-writer, node-1, 1 MiB", &[job(0, SINGLE, 0, HOT)], &pids, o)?);
     setups.push(measure("(a') multi-writer, node-1 alone, first half", &[job(0, MULTI, 0, half)], &pids, o)?);
     setups.push(measure(
         "(b) multi-writer, node-1 + node-2, disjoint halves",
@@ -261,6 +264,13 @@ pub fn print(r: &MultiWriterReport) {
     }
     if let (Some(c), Some(a)) = (find("(c)"), base) {
         println!("{:<52} {:>5.0}%", "(c) two writers, one hot 1 MiB region / (a)", 100.0 * c / a);
+    }
+    if let (Some(c), Some(a)) = (find("(c)"), find("(a-hot)")) {
+        println!("{:<52} {:>5.0}%", "(c) two writers, one hot 1 MiB region / (a-hot)", 100.0 * c / a);
+    }
+    let p99 = |prefix: &str| r.setups.iter().find(|s| s.label.starts_with(prefix)).map(|s| s.p99_us);
+    if let (Some(c), Some(a)) = (p99("(c)"), p99("(a-hot)")) {
+        println!("{:<52} {:>5.0}%", "(c) p99 latency / (a-hot) p99 latency", 100.0 * c / a);
     }
     if let (Some(a2), Some(a)) = (find("(a')"), base) {
         println!("{:<52} {:>5.0}%", "(a') one writer on the multi-writer volume / (a)", 100.0 * a2 / a);
