@@ -403,7 +403,8 @@ fn live_migration_keeps_every_write() {
     let peer_io = Duration::from_secs(5);
     let mut r = Run::new(name, seed, 2, Some(256 << 10), peer_io);
     let whole = vec![(0..SIZE, 1)];
-    let (a, b) = (0, 1);
+    // The migration leaves the arbiter (node-1) or goes to it, by the seed.
+    let (a, b) = if seed.is_multiple_of(2) { (0, 1) } else { (1, 0) };
     r.start_writer(a, whole.clone());
     r.until_acked(&[a], Duration::ZERO, 800, Duration::from_secs(1), true);
     let overlap = r.now();
@@ -411,17 +412,18 @@ fn live_migration_keeps_every_write() {
     r.until_acked(&[a, b], overlap, 1500, Duration::from_secs(3), true);
     let a_stats = r.stop_writer(a);
     let a_left = r.now();
-    r.log(format!("node-1 stopped writing and disconnected at {:.2}s", a_left.as_secs_f64()));
+    r.log(format!("node-{} stopped writing and disconnected at {:.2}s", a + 1, a_left.as_secs_f64()));
     r.until_acked(&[b], a_left, 800, Duration::from_secs(1), true);
     r.stop_writer(b);
     r.log(r.summary());
     r.assert_no_failures(&[a, b]);
     r.assert_contended(500);
-    assert!(a_stats.disconnected.is_none(), "node-1's connection broke: {:?}", a_stats.disconnected);
-    // A pause of a peer_io timeout or more is a stall the migration must not cause.
+    assert!(a_stats.disconnected.is_none(), "node-{}'s connection broke: {:?}", a + 1, a_stats.disconnected);
+    // Writes take tens of milliseconds here, a few hundred on a loaded machine; a pause of
+    // seconds (a grant waiting for a timeout) is a stall the migration must not cause.
     let worst = r.history.lock().unwrap().max_latency(a).unwrap();
-    if worst >= peer_io {
-        r.fail(&format!("one of node-1's writes took {worst:?} during the migration"));
+    if worst >= Duration::from_secs(2) {
+        r.fail(&format!("one of node-{}'s writes took {worst:?} during the migration", a + 1));
     }
     r.check();
 }
