@@ -2,9 +2,9 @@
 //! node agents in Kubernetes mode and the CSI controller as separate processes: a
 //! ReadWriteMany block volume of a MultiWriter VirtualSAN is published on a second node
 //! without moving its Lease (the live-migration pattern: published on the target, then
-//! unpublished on the source, and the Lease stays with its holder throughout); a
-//! ReadWriteMany filesystem is refused, and so are several writers on a volume of a
-//! SingleWriter VirtualSAN.
+//! unpublished on the source, and the Lease stays with its holder throughout, until the
+//! holder's node dies and failover moves it); a ReadWriteMany filesystem is refused, and so
+//! are several writers on a volume of a SingleWriter VirtualSAN.
 
 mod common;
 #[path = "k8s/harness.rs"]
@@ -86,6 +86,17 @@ fn reported_epoch(c: &KubeCluster, volume: &str, node: &str) -> Option<i64> {
     c.get_volume(volume)?.status?.replicas.into_iter().find(|r| r.node == node)?.epoch
 }
 
+/// Waits until the two-node VirtualSAN reports Ready=True with both members ready.
+fn wait_ready(c: &mut KubeCluster, san: &str) {
+    c.wait(&format!("VirtualSAN {san} Ready with 2 ready nodes"), T, |c| {
+        let st = c.get_san(san).and_then(|s| s.status).ok_or("no status")?;
+        match condition(&st.conditions, "Ready") {
+            Some((s, ..)) if s == "True" && st.ready_nodes.as_deref() == Some("2/2") => Ok(()),
+            other => Err(format!("Ready={other:?} readyNodes={:?}", st.ready_nodes)),
+        }
+    });
+}
+
 #[test]
 fn multi_writer_volume_is_published_on_two_nodes_without_moving_its_lease() {
     let names = ["node-a", "node-b"];
@@ -93,13 +104,7 @@ fn multi_writer_volume_is_published_on_two_nodes_without_moving_its_lease() {
     let mut san = c.virtual_san("vms", &names, 2, json!({ "mode": "Cluster" }));
     san["spec"]["writePolicy"] = json!("MultiWriter");
     c.apply(&san);
-    c.wait("VirtualSAN vms Ready with 2 ready nodes", T, |c| {
-        let st = c.get_san("vms").and_then(|s| s.status).ok_or("no status")?;
-        match condition(&st.conditions, "Ready") {
-            Some((s, ..)) if s == "True" && st.ready_nodes.as_deref() == Some("2/2") => Ok(()),
-            other => Err(format!("Ready={other:?} readyNodes={:?}", st.ready_nodes)),
-        }
-    });
+    wait_ready(&mut c, "vms");
     let mut csi = c.controller();
 
     // A ReadWriteMany filesystem is refused before anything is created: ext4 mounted on two
@@ -181,12 +186,33 @@ fn multi_writer_volume_is_published_on_two_nodes_without_moving_its_lease() {
     std::thread::sleep(Duration::from_secs(3 * LEASE_SECS));
     assert_eq!(c.write_priority(vol), Some((source.clone(), 2)), "no failover of a live holder");
     assert_eq!(reported_epoch(&c, vol, &target), Some(2));
-    // Published again on the source (a migration back): still no move.
+    // Published again on the source and unpublished (a migration back and forth): no move.
     c.block_on(csi.controller_publish_volume(publish_request(vol, &source, rwx_block()))).expect("publish back");
     assert_eq!(c.write_priority(vol), Some((source.clone(), 2)));
-    for n in [&source, &target] {
-        c.block_on(csi.controller_unpublish_volume(unpublish_request(vol, n))).expect("unpublish");
-    }
+    c.block_on(csi.controller_unpublish_volume(unpublish_request(vol, &source))).expect("unpublish again");
+
+    // The holder's node dies while the target is published: the operator's failover moves
+    // the Lease to the target, an in-sync replica on a live node, and its agent takes it.
+    c.node_mut(&source).agent.kill();
+    c.wait("the Lease moved to the target at a new epoch", T, |c| match c.write_priority(vol) {
+        Some((h, e)) if h == target && e > 2 => Ok(()),
+        other => Err(format!("Lease {other:?}")),
+    });
+    let (_, epoch) = c.write_priority(vol).unwrap();
+    c.wait("the target's agent at the new epoch", T, |c| {
+        let st = c.get_volume(vol).and_then(|v| v.status).ok_or("no status")?;
+        let r = st.replicas.iter().find(|r| r.node == target).ok_or("no entry")?;
+        if r.epoch == Some(epoch as i64) && r.writer.as_deref() == Some(target.as_str()) {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    });
+    assert_eq!(attached_nodes(&c, vol), vec![target.clone()], "the target stays published");
+    let kubeconfig = c.server.kubeconfig.clone();
+    c.node_mut(&source).agent.start(&kubeconfig);
+    wait_ready(&mut c, "vms");
+    c.block_on(csi.controller_unpublish_volume(unpublish_request(vol, &target))).expect("unpublish the target");
     assert!(attached_nodes(&c, vol).is_empty());
 
     // The VirtualSAN becomes SingleWriter: new ReadWriteMany volumes are refused, naming it;
