@@ -1,6 +1,7 @@
 //! Bad input: malformed NBD requests, malformed or corrupted peer frames, an incompatible
-//! peer version and a peer without the shared secret get errors; nothing is written and
-//! the agent keeps serving.
+//! peer version, a peer without the shared secret, and multi-writer writes and policing
+//! requests that break the region-grant rules get errors; nothing is written and the agent
+//! keeps serving.
 
 mod common;
 use common::*;
@@ -12,7 +13,9 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures::{SinkExt, StreamExt};
 use peersan_node_agent::peer::handshake::{HandshakeConfig, HandshakeError, client_handshake, client_handshake_with};
-use peersan_node_agent::peer::proto::{ErrorCode, Frame, PeerCodec, ReplicaStateMsg, Reply, Request, encode_request};
+use peersan_node_agent::peer::proto::{
+    ErrorCode, Frame, PeerCodec, ReplicaStateMsg, Reply, Request, Tags, encode_request,
+};
 use tokio::io::AsyncWriteExt;
 use tokio_util::codec::Framed;
 
@@ -171,10 +174,14 @@ fn state() -> ReplicaStateMsg {
 
 /// Connects to a node's peer port as "node-2" (knowing the secret) and opens "vol".
 async fn open_as_peer(addr: &str, secret: &[u8]) -> Framed<tokio::net::TcpStream, PeerCodec> {
+    open_volume_as_peer(addr, secret, "vol").await
+}
+
+async fn open_volume_as_peer(addr: &str, secret: &[u8], volume: &str) -> Framed<tokio::net::TcpStream, PeerCodec> {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     client_handshake(&mut s, &peer_cfg("node-2", secret.to_vec())).await.unwrap();
     let mut f = Framed::new(s, PeerCodec);
-    let open = Request::Open { volume: "vol".into(), from_node: "node-2".into(), state: state() };
+    let open = Request::Open { volume: volume.into(), from_node: "node-2".into(), state: state() };
     f.send(Frame::Request { id: 1, req: open }).await.unwrap();
     assert!(matches!(f.next().await, Some(Ok(Frame::Reply { id: 1, reply: Reply::Opened { .. } }))));
     f
@@ -204,6 +211,7 @@ fn corrupted_and_malformed_peer_frames_are_refused() {
             sent: 3,
             epoch: 0,
             data: vec![fill; 4096].into(),
+            tags: Tags::default(),
         };
         let mut buf = BytesMut::new();
         encode_request(2, &write(0x77), &mut buf).unwrap();
@@ -246,7 +254,7 @@ fn corrupted_and_malformed_peer_frames_are_refused() {
         let e = client_handshake_with(&mut s, &peer_cfg("node-2", secret.clone()), (7, 9), 0).await.unwrap_err();
         let msg = e.to_string();
         assert!(matches!(e, HandshakeError::Refused(_) | HandshakeError::VersionMismatch { .. }), "{e:?}");
-        assert!(msg.contains("7..9") && msg.contains("2..2"), "{msg}");
+        assert!(msg.contains("7..9") && msg.contains("3..3"), "{msg}");
 
         // A process without the secret is refused and can neither write nor read.
         let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -276,4 +284,118 @@ fn corrupted_and_malformed_peer_frames_are_refused() {
     qemu_io(&c.members[1].nbd_uri("vol"), &["read -P 0x11 0 4096".into(), "read -P 0 65536 4096".into()]);
     let v = c.volume(0, "vol").unwrap();
     assert_eq!(v.health, "healthy", "{v:?}");
+}
+
+/// Sends one request and returns its reply.
+async fn ask(f: &mut Framed<tokio::net::TcpStream, PeerCodec>, id: u64, req: Request) -> Reply {
+    f.send(Frame::Request { id, req }).await.unwrap();
+    match f.next().await {
+        Some(Ok(Frame::Reply { id: got, reply })) if got == id => reply,
+        other => panic!("expected the reply to request {id}, got {other:?}"),
+    }
+}
+
+#[test]
+fn policing_requests_and_region_grants_are_checked() {
+    if !have("qemu-io") {
+        return;
+    }
+    let size = 8 * MIB;
+    let region = 64 * 1024;
+    let dir = test_dir();
+    let mut c = start_cluster(
+        dir.path(),
+        2,
+        vec![
+            peersan_node_agent::localcluster::VolumeDef::new("vol", size, vec![0, 1]),
+            peersan_node_agent::localcluster::VolumeDef::new("mw", size, vec![0, 1]).multi_writer(Some(region)),
+        ],
+        |_| {},
+    );
+    c.wait_healthy(0, "vol", Duration::from_secs(20)).unwrap();
+    c.wait_healthy(0, "mw", Duration::from_secs(20)).unwrap();
+    // This test speaks as node-2 (see above); node-1 holds write priority at epoch 0 and
+    // arbitrates the multi-writer volume.
+    c.stop(1);
+    let secret = std::fs::read(&c.secret_file).unwrap().trim_ascii().to_vec();
+    let addr = format!("127.0.0.1:{}", c.members[0].peer_port);
+    // Sent to node-1 only (the real node-2 is down): what node-1 executes, node-2 is
+    // recorded as having missed.
+    let write = |offset: u64, fill: u8, tags: Tags| Request::Write {
+        offset,
+        flags: 0,
+        insync: 3,
+        sent: 1,
+        epoch: 0,
+        data: vec![fill; 4096].into(),
+        tags,
+    };
+    let tags = |shift: u8, list: &[(u64, u64)]| Tags { shift, list: list.to_vec() };
+    let is_error = |r: &Reply, want: ErrorCode| matches!(r, Reply::Error { code, .. } if *code == want);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // A single-writer volume takes no policing requests and no grants.
+        let mut f = open_volume_as_peer(&addr, &secret, "vol").await;
+        let r = ask(&mut f, 2, Request::Acquire { epoch: 0, region: 0 }).await;
+        assert!(is_error(&r, ErrorCode::Invalid), "{r:?}");
+        // (Refused by the epoch check first: node-1 holds write priority.)
+        let r = ask(&mut f, 3, write(0, 0x21, tags(16, &[(0, 1)]))).await;
+        assert!(is_error(&r, ErrorCode::Invalid) || matches!(r, Reply::Fenced { .. }), "{r:?}");
+        drop(f);
+
+        let mut f = open_volume_as_peer(&addr, &secret, "mw").await;
+        // Writes without grants, or with grants of another region size or region, are refused.
+        let r = ask(&mut f, 2, write(0, 0x31, Tags::default())).await;
+        assert!(is_error(&r, ErrorCode::Invalid), "{r:?}");
+        let r = ask(&mut f, 3, write(0, 0x32, tags(20, &[(0, 1)]))).await;
+        assert!(is_error(&r, ErrorCode::Invalid), "{r:?}");
+        let r = ask(&mut f, 4, write(region, 0x33, tags(16, &[(0, 1)]))).await;
+        assert!(is_error(&r, ErrorCode::Invalid), "{r:?}");
+        // A region past the end, another epoch.
+        let r = ask(&mut f, 5, Request::Acquire { epoch: 0, region: size / region }).await;
+        assert!(is_error(&r, ErrorCode::OutOfRange), "{r:?}");
+        let r = ask(&mut f, 6, Request::Acquire { epoch: 7, region: 0 }).await;
+        assert!(matches!(&r, Reply::Fenced { epoch: 0, holder } if holder == "node-1"), "{r:?}");
+        // Region 0 granted; a write under the grant is executed.
+        let Reply::Granted { grant } = ask(&mut f, 7, Request::Acquire { epoch: 0, region: 0 }).await else {
+            panic!("region 0 not granted");
+        };
+        assert!(grant >= 1);
+        assert_eq!(ask(&mut f, 8, write(0, 0x41, tags(16, &[(0, grant)]))).await, Reply::Ok);
+        // An older grant is refused whole (nothing of the write is executed).
+        let r = ask(&mut f, 9, write(4096, 0x42, tags(16, &[(0, grant - 1)]))).await;
+        assert!(is_error(&r, ErrorCode::StaleGrant), "{r:?}");
+        // Only the arbiter recovers regions.
+        let r = ask(
+            &mut f,
+            10,
+            Request::Recover { epoch: 0, region: 1, grant: grant + 5, shift: 16, data: vec![0x43; 4096].into() },
+        )
+        .await;
+        assert!(matches!(r, Reply::Fenced { .. }), "{r:?}");
+        // A revoke for a grant this node does not hold is answered at once.
+        let r = ask(&mut f, 11, Request::Revoke { epoch: 0, region: 3, grant: 99 }).await;
+        assert_eq!(r, Reply::Released { dirty: false });
+        // Give region 0 back; node-1 takes it (it is free) and writes.
+        let r = ask(&mut f, 12, Request::Release { epoch: 0, region: 0, grant, dirty: false }).await;
+        assert_eq!(r, Reply::Ok);
+    });
+    qemu_io(&c.members[0].nbd_uri("mw"), &["write -P 0x51 8192 4096".into()]);
+    c.start(1).unwrap();
+    c.wait_healthy(0, "mw", Duration::from_secs(20)).unwrap();
+    c.wait_healthy(1, "mw", Duration::from_secs(20)).unwrap();
+    for i in 0..2 {
+        let uri = c.members[i].nbd_uri("mw");
+        qemu_io(
+            &uri,
+            &[
+                "read -P 0x41 0 4096".into(),
+                "read -P 0 4096 4096".into(),
+                "read -P 0x51 8192 4096".into(),
+                format!("read -P 0 {region} 4096"),
+            ],
+        );
+        qemu_io(&c.members[i].nbd_uri("vol"), &["read -P 0 0 4096".into()]);
+    }
+    assert_replicas_identical(&mut c, "mw", &[0, 1]);
 }

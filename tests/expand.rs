@@ -243,7 +243,7 @@ fn growth_while_a_peer_is_down_then_resync_after_it_grows() {
 fn a_peer_write_past_this_replicas_end_is_refused_and_changes_nothing() {
     use futures::{SinkExt, StreamExt};
     use peersan_node_agent::peer::handshake::{HandshakeConfig, client_handshake};
-    use peersan_node_agent::peer::proto::{ErrorCode, Frame, PeerCodec, ReplicaStateMsg, Reply, Request};
+    use peersan_node_agent::peer::proto::{ErrorCode, Frame, PeerCodec, ReplicaStateMsg, Reply, Request, Tags};
     use std::sync::Arc;
     use tokio_util::codec::Framed;
 
@@ -283,9 +283,24 @@ fn a_peer_write_past_this_replicas_end_is_refused_and_changes_nothing() {
             Some(Ok(Frame::Reply { id: 1, reply: Reply::Opened { state } })) => assert_eq!(state.size, OLD),
             other => panic!("expected Opened, got {other:?}"),
         }
-        let write =
-            Request::Write { offset: OLD, flags: 0, insync: 3, sent: 3, epoch: 0, data: vec![0xee; 4096].into() };
-        let across = Request::WriteZeroes { offset: OLD - 4096, len: 8192, flags: 0, insync: 3, sent: 3, epoch: 0 };
+        let write = Request::Write {
+            offset: OLD,
+            flags: 0,
+            insync: 3,
+            sent: 3,
+            epoch: 0,
+            data: vec![0xee; 4096].into(),
+            tags: Tags::default(),
+        };
+        let across = Request::WriteZeroes {
+            offset: OLD - 4096,
+            len: 8192,
+            flags: 0,
+            insync: 3,
+            sent: 3,
+            epoch: 0,
+            tags: Tags::default(),
+        };
         let reqs = [
             write,
             across,

@@ -529,7 +529,11 @@ impl Node {
             size: crate::config::ByteSize(size),
             replicas: sorted,
             device: None,
-            write_policy: if multi_writer_region.is_some() { WritePolicy::MultiWriter } else { WritePolicy::SingleWriter },
+            write_policy: if multi_writer_region.is_some() {
+                WritePolicy::MultiWriter
+            } else {
+                WritePolicy::SingleWriter
+            },
             region_size: multi_writer_region.map(crate::config::ByteSize),
         };
         self.open_volume(&v, true)

@@ -226,8 +226,7 @@ pub const MAX_REGION_SIZE: u64 = 4 << 20;
 impl VolumeConfig {
     /// The region size of a multi-writer volume; None for single-writer volumes.
     pub fn policing_region(&self) -> Option<u64> {
-        (self.write_policy == WritePolicy::MultiWriter)
-            .then(|| self.region_size.map_or(DEFAULT_REGION_SIZE, |b| b.0))
+        (self.write_policy == WritePolicy::MultiWriter).then(|| self.region_size.map_or(DEFAULT_REGION_SIZE, |b| b.0))
     }
 }
 
@@ -597,7 +596,8 @@ resync: { rate: 20MiB }
         let c = Config::parse(&GOOD.replace("replicas: [a, b] }", "replicas: [a, b], write_policy: multi-writer }"))
             .unwrap();
         assert_eq!(c.volumes[0].policing_region(), Some(DEFAULT_REGION_SIZE));
-        let t = GOOD.replace("replicas: [a, b] }", "replicas: [a, b], write_policy: multi-writer, region_size: 64KiB }");
+        let t =
+            GOOD.replace("replicas: [a, b] }", "replicas: [a, b], write_policy: multi-writer, region_size: 64KiB }");
         assert_eq!(Config::parse(&t).unwrap().volumes[0].policing_region(), Some(64 << 10));
     }
 

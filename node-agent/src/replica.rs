@@ -38,7 +38,8 @@
 //!
 //! Format 2 (replicas written before growth was possible) has no `bitmap_stride` field: its
 //! slots are exactly `bitmap_bytes(size)` (growth up to the next 128 MiB boundary); it is
-//! read as such and rewritten as format 3, with that stride, at the next metadata update.
+//! read as such and rewritten as format 4, with that stride, at the next metadata update.
+//! Format 3 lacks the two multi-writer grant numbers of format 4 (read as zero).
 //!
 //! ## Local I/O
 //!
@@ -65,7 +66,9 @@ pub const BLOCK_SIZE: u64 = 4096;
 const SLOT_SIZE: usize = 4096;
 const MAGIC: &[u8; 8] = b"PSANREPL";
 const AL_MAGIC: &[u8; 8] = b"PSANALOG";
-const FORMAT_VERSION: u32 = 3;
+const FORMAT_VERSION: u32 = 4;
+/// Format 3: format 4 without the multi-writer grant numbers (read as zero).
+const FORMAT_VERSION_GRANTLESS: u32 = 3;
 /// The previous format, still read: bitmap slots exactly as large as the volume's bitmaps.
 const FORMAT_VERSION_FIXED: u32 = 2;
 const MIB: u64 = 1 << 20;
@@ -166,6 +169,13 @@ pub struct ReplicaMeta {
     pub flag_epoch: u64,
     /// Bytes reserved per out-of-sync bitmap (see [`Layout`]); fixed at creation.
     pub bitmap_stride: u64,
+    /// Multi-writer volumes, at `epoch`: the newest region grant this replica adopted from a
+    /// recovery (after a restart it refuses older grants for regions it knows nothing of;
+    /// `engine/POLICING.md` §6.6).
+    pub fence_grant: u64,
+    /// Multi-writer volumes, at `epoch`, when this node arbitrates: every grant it has issued
+    /// is at most this (a restarted arbiter continues above it).
+    pub grant_limit: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,8 +228,12 @@ impl ReplicaMeta {
         put_str(&mut b, &self.holder)?;
         b.push(u8::from(self.clean) | (u8::from(self.needs_full) << 1));
         b.extend_from_slice(&self.flag_epoch.to_le_bytes());
-        if version == FORMAT_VERSION {
+        if version >= FORMAT_VERSION_GRANTLESS {
             b.extend_from_slice(&self.bitmap_stride.to_le_bytes());
+        }
+        if version >= FORMAT_VERSION {
+            b.extend_from_slice(&self.fence_grant.to_le_bytes());
+            b.extend_from_slice(&self.grant_limit.to_le_bytes());
         }
         if b.len() + 4 > SLOT_SIZE {
             return Err(ReplicaError::Invalid("metadata does not fit in its slot".into()));
@@ -243,7 +257,7 @@ impl ReplicaMeta {
             return None;
         }
         let version = r.u32()?;
-        if version != FORMAT_VERSION && version != FORMAT_VERSION_FIXED {
+        if !(FORMAT_VERSION_FIXED..=FORMAT_VERSION).contains(&version) {
             return Some(Err(version));
         }
         let seq = r.u64()?;
@@ -263,7 +277,8 @@ impl ReplicaMeta {
         let holder = r.str()?;
         let flags = r.take(1)?[0];
         let flag_epoch = r.u64()?;
-        let bitmap_stride = if version == FORMAT_VERSION { r.u64()? } else { bitmap_bytes(size) };
+        let bitmap_stride = if version >= FORMAT_VERSION_GRANTLESS { r.u64()? } else { bitmap_bytes(size) };
+        let (fence_grant, grant_limit) = if version >= FORMAT_VERSION { (r.u64()?, r.u64()?) } else { (0, 0) };
         let end = r.pos;
         let crc = r.u32()?;
         if crc32c::crc32c(&slot[..end]) != crc
@@ -291,6 +306,8 @@ impl ReplicaMeta {
                 needs_full: flags & 2 != 0,
                 flag_epoch,
                 bitmap_stride,
+                fence_grant,
+                grant_limit,
             },
         )))
     }
@@ -437,6 +454,8 @@ impl Replica {
             needs_full: !consistent,
             flag_epoch: 0,
             bitmap_stride: layout.bitmap_stride,
+            fence_grant: 0,
+            grant_limit: 0,
         };
         let r = Replica::from_parts(path, file, is_device, 0, meta.clone())?;
         // Write both slots so that a stale header from an earlier use of a device can't win.
@@ -1161,6 +1180,8 @@ mod tests {
             needs_full: false,
             flag_epoch: 0,
             bitmap_stride: bitmap_bytes(size),
+            fence_grant: 0,
+            grant_limit: 0,
         };
         let f = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         f.set_len((1 << 20) + size).unwrap();

@@ -41,6 +41,7 @@
 
 pub mod al;
 pub mod bitmap;
+mod policing;
 pub mod ranges;
 mod resync;
 pub mod state;
@@ -56,7 +57,7 @@ use tokio::sync::Notify;
 use crate::block::{BlockDevice, BlockError, BlockErrorKind, BlockResult, check_range};
 use crate::peer::client::{PeerConn, PeerError};
 use crate::peer::handshake::HandshakeConfig;
-use crate::peer::proto::{ErrorCode, ReplicaStateMsg, Reply, Request, WF_FUA};
+use crate::peer::proto::{ErrorCode, ReplicaStateMsg, Reply, Request, Tags, WF_FUA};
 use crate::replica::{BLOCK_SIZE, Replica};
 use al::ActivityLog;
 use bitmap::Bitmap;
@@ -186,17 +187,27 @@ impl Op {
         }
     }
 
-    fn request(&self, insync: u32, sent: u32, epoch: u64) -> Request {
+    fn request(&self, insync: u32, sent: u32, epoch: u64, tags: Tags) -> Request {
         match self.clone() {
             Op::Write { offset, data, fua } => {
-                Request::Write { offset, flags: if fua { WF_FUA } else { 0 }, insync, sent, epoch, data }
+                Request::Write { offset, flags: if fua { WF_FUA } else { 0 }, insync, sent, epoch, tags, data }
             }
             Op::Zero { offset, len, punch: true, fua } => {
-                Request::Trim { offset, len, flags: if fua { WF_FUA } else { 0 }, insync, sent, epoch }
+                Request::Trim { offset, len, flags: if fua { WF_FUA } else { 0 }, insync, sent, epoch, tags }
             }
             Op::Zero { offset, len, punch: false, fua } => {
-                Request::WriteZeroes { offset, len, flags: if fua { WF_FUA } else { 0 }, insync, sent, epoch }
+                Request::WriteZeroes { offset, len, flags: if fua { WF_FUA } else { 0 }, insync, sent, epoch, tags }
             }
+        }
+    }
+
+    /// The part `[at, at + len)` of the operation (offsets relative to its start).
+    fn part(&self, at: u64, len: u64) -> Op {
+        match self {
+            Op::Write { offset, data, fua } => {
+                Op::Write { offset: offset + at, data: data.slice(at as usize..(at + len) as usize), fua: *fua }
+            }
+            Op::Zero { offset, punch, fua, .. } => Op::Zero { offset: offset + at, len, punch: *punch, fua: *fua },
         }
     }
 }
@@ -210,6 +221,10 @@ struct Outcome {
     fenced: Option<Priority>,
     /// Replicas that did not execute it (their link failed, or the local disk).
     failed: u32,
+    /// Replicas that executed it.
+    done: u32,
+    /// Multi-writer volumes: a replica refused it for a stale region grant.
+    stale: Option<String>,
 }
 
 /// Where each peer node is reached (`host:port`), looked up at every (re)connect, so that a
@@ -248,6 +263,8 @@ pub struct Volume {
     next_read: AtomicUsize,
     /// The local replica has never been written (its generation is 0).
     generation_zero: AtomicBool,
+    /// Multi-writer volumes: region write priority (`POLICING.md`).
+    mw: Option<policing::Policing>,
 }
 
 const SIZE_NOTE: &str = "sizes differ:";
@@ -337,6 +354,11 @@ impl Volume {
             }
         }
         let gen0 = replica.as_ref().is_some_and(|r| r.meta().generation == 0);
+        let mw = spec.multi_writer.map(|region| {
+            let (epoch, fence, limit) =
+                replica.as_ref().map_or((0, 0, 0), |r| (r.meta().epoch, r.meta().fence_grant, r.meta().grant_limit));
+            policing::Policing::new(region, epoch, fence, limit)
+        });
         let state = match &replica {
             Some(r) if r.meta().consistent => ReplicaState::InSync,
             Some(_) => ReplicaState::Outdated,
@@ -359,6 +381,7 @@ impl Volume {
             settled: Notify::new(),
             next_read: AtomicUsize::new(0),
             generation_zero: AtomicBool::new(gen0),
+            mw,
             all_peers: (((1u64 << n) - 1) as u32) & !(1 << me),
             size: AtomicU64::new(size),
             spec,
@@ -749,12 +772,19 @@ impl Volume {
             && let Err(e) = r.update_meta(|m| {
                 m.epoch = epoch;
                 m.holder = holder.to_owned();
+                // Region grants belong to one epoch.
+                m.fence_grant = 0;
+                m.grant_limit = 0;
             })
         {
             tracing::error!(volume = %self.spec.name, error = %e, "cannot record the write-priority epoch");
         }
         tracing::info!(volume = %self.spec.name, epoch, %holder, previous = %old.holder, "write priority changed");
-        if old.holder != holder && holder != self.ctx.name {
+        if let Some(p) = &self.mw {
+            // Multi-writer volumes: the new arbiter recovers every region that may differ
+            // before granting it (POLICING.md §6.4).
+            p.wake_all();
+        } else if old.holder != holder && holder != self.ctx.name {
             let extents = self.al.recent(self.ctx.io_timeout * 3 + Duration::from_secs(1));
             if !extents.is_empty() && self.local_disk().is_some() {
                 {
@@ -1019,6 +1049,9 @@ impl Volume {
             li.state = ReplicaState::Disconnected;
             li.detail = err.to_string();
         }
+        if let Some(p) = &self.mw {
+            p.wake_all();
+        }
     }
 
     /// Takes the changed pages of every bitmap.
@@ -1272,6 +1305,7 @@ impl Volume {
         peer_results: Vec<Result<Reply, PeerError>>,
         local: Option<(std::io::Result<()>, bool)>,
         range: Option<(u64, u64)>,
+        multi: bool,
     ) -> Outcome {
         let mut out = Outcome::default();
         let mut failed = 0u32;
@@ -1281,7 +1315,13 @@ impl Volume {
                 Ok(Reply::Fenced { epoch, holder }) => {
                     out.fenced = Some(Priority { epoch, holder });
                 }
-                Ok(_) => out.done_in_sync |= t.in_sync,
+                Ok(_) => {
+                    out.done_in_sync |= t.in_sync;
+                    out.done |= 1 << t.idx;
+                }
+                Err(PeerError::Remote { code: ErrorCode::StaleGrant, message, .. }) if multi => {
+                    out.stale = Some(format!("{}: {message}", self.spec.replicas[t.idx]));
+                }
                 Err(PeerError::Remote { code: ErrorCode::Fenced, message, .. }) => {
                     tracing::warn!(volume = %self.spec.name, peer = %self.spec.replicas[t.idx], %message, "write refused: fenced");
                     out.fenced.get_or_insert(Priority { epoch: 0, holder: String::new() });
@@ -1293,7 +1333,10 @@ impl Volume {
             }
         }
         match local {
-            Some((Ok(()), in_sync)) => out.done_in_sync |= in_sync,
+            Some((Ok(()), in_sync)) => {
+                out.done_in_sync |= in_sync;
+                out.done |= 1 << self.me;
+            }
             Some((Err(e), _)) => {
                 self.local_failed(&e);
                 out.failed |= 1 << self.me;
@@ -1302,7 +1345,13 @@ impl Volume {
         }
         out.failed |= failed;
         self.flag_outdated(failed, None, range);
-        if let Some(p) = &out.fenced {
+        if let Some(p) = &out.fenced
+            && multi
+        {
+            // Multi-writer: the write is retried under the newer epoch's grants; its regions
+            // are recovered by the new arbiter before they are written again.
+            self.adopt_priority(p.epoch, &p.holder);
+        } else if let Some(p) = &out.fenced {
             if !self.adopt_priority(p.epoch, &p.holder) {
                 // The refusing replica knows the same epoch under another holder, or did not
                 // say: stop writing until priority is given again.
@@ -1341,6 +1390,9 @@ impl Volume {
     async fn submit(&self, op: Op) -> BlockResult<()> {
         let (offset, len) = op.range();
         check_range(offset, len, self.size())?;
+        if self.mw.is_some() {
+            return self.submit_multi(op).await;
+        }
         self.write_epoch()?;
         let _guard = self.write_locks.lock(offset, len).await;
         // Again under the lock: priority may have moved while this write waited.
@@ -1376,9 +1428,9 @@ impl Volume {
                 None => None,
             }
         };
-        let peer_futs = targets.iter().map(|t| t.conn.call(op.request(insync, sent, epoch)));
+        let peer_futs = targets.iter().map(|t| t.conn.call(op.request(insync, sent, epoch, Tags::default())));
         let (local_res, peer_res) = tokio::join!(local_fut, join_all(peer_futs));
-        let out = self.conclude(&targets, peer_res, local_res, Some((offset, len)));
+        let out = self.conclude(&targets, peer_res, local_res, Some((offset, len)), false);
         if let Some(p) = out.fenced {
             return Err(io_error(format!(
                 "volume {}: write refused: write priority moved to {} (epoch {}); nothing acknowledged",
@@ -1530,7 +1582,7 @@ impl Volume {
         };
         let (local_res, peer_res) =
             tokio::join!(local_fut, join_all(targets.iter().map(|t| t.conn.call(Request::Flush))));
-        self.conclude(&targets, peer_res, local_res, None).done_in_sync
+        self.conclude(&targets, peer_res, local_res, None, self.mw.is_some()).done_in_sync
     }
 
     // ---- requests from peers -----------------------------------------------------------
@@ -1604,36 +1656,49 @@ impl Volume {
 
     /// Checks the epoch of a write from `from`: a newer one is adopted, an older one (or the
     /// same one held by another node) is refused.
+    /// Multi-writer volumes: every replica node writes at the current epoch; a write at a
+    /// newer one is refused (`StaleGrant`, retried) until this node learns who holds it.
     fn check_epoch(&self, from: usize, epoch: u64) -> Result<(), Reply> {
         let sender = &self.spec.replicas[from];
         {
             let cur = self.priority.lock().unwrap();
-            if epoch == cur.epoch && cur.holder == *sender {
+            if epoch == cur.epoch && (cur.holder == *sender || self.mw.is_some()) {
                 return Ok(());
             }
             if epoch <= cur.epoch {
                 return Err(Reply::Fenced { epoch: cur.epoch, holder: cur.holder.clone() });
+            }
+            if self.mw.is_some() {
+                return Err(Reply::Error {
+                    code: ErrorCode::StaleGrant,
+                    message: format!("epoch {epoch} is newer than the one known here ({})", cur.epoch),
+                });
             }
         }
         self.adopt_priority(epoch, sender);
         Ok(())
     }
 
-    /// Executes a request that a peer sent us. Returns the reply to send.
-    pub async fn serve_peer(&self, from: usize, req: Request) -> Reply {
+    /// Executes a request that a peer sent us on its connection `session`. Returns the
+    /// reply to send.
+    pub async fn serve_peer(&self, from: usize, session: u64, req: Request) -> Reply {
         let err = |code, message: String| Reply::Error { code, message };
         match req {
-            Request::Write { offset, flags, sent, epoch, data, .. } => {
-                self.peer_write(from, sent, epoch, Op::Write { offset, data, fua: flags & WF_FUA != 0 }).await
+            Request::Write { offset, flags, sent, epoch, tags, data, .. } => {
+                self.peer_write(from, sent, epoch, &tags, Op::Write { offset, data, fua: flags & WF_FUA != 0 }).await
             }
-            Request::WriteZeroes { offset, len, flags, sent, epoch, .. } => {
+            Request::WriteZeroes { offset, len, flags, sent, epoch, tags, .. } => {
                 let op = Op::Zero { offset, len, punch: false, fua: flags & WF_FUA != 0 };
-                self.peer_write(from, sent, epoch, op).await
+                self.peer_write(from, sent, epoch, &tags, op).await
             }
-            Request::Trim { offset, len, flags, sent, epoch, .. } => {
+            Request::Trim { offset, len, flags, sent, epoch, tags, .. } => {
                 let op = Op::Zero { offset, len, punch: true, fua: flags & WF_FUA != 0 };
-                self.peer_write(from, sent, epoch, op).await
+                self.peer_write(from, sent, epoch, &tags, op).await
             }
+            req @ (Request::Acquire { .. }
+            | Request::Revoke { .. }
+            | Request::Release { .. }
+            | Request::Recover { .. }) => self.serve_policing(from, session, req).await,
             Request::Read { offset, len } => self.serve_read(offset, len, None).await,
             Request::ResyncRead { offset, len } => self.serve_read(offset, len, Some(from)).await,
             Request::GetBitmap { offset, len } => {
@@ -1704,7 +1769,7 @@ impl Volume {
         }
     }
 
-    async fn peer_write(&self, from: usize, sent: u32, epoch: u64, op: Op) -> Reply {
+    async fn peer_write(&self, from: usize, sent: u32, epoch: u64, tags: &Tags, op: Op) -> Reply {
         let (offset, len) = op.range();
         if let Err(e) = check_range(offset, len, self.size()) {
             return Reply::Error { code: ErrorCode::OutOfRange, message: e.message };
@@ -1712,6 +1777,11 @@ impl Volume {
         if let Err(reply) = self.check_epoch(from, epoch) {
             return reply;
         }
+        // Multi-writer volumes: the region grants come second (POLICING.md §7).
+        let _fence = match self.peer_fence(epoch, tags, &op) {
+            Ok(g) => g,
+            Err(reply) => return reply,
+        };
         let missed = !sent & self.all_peers;
         self.flag_outdated(missed, Some(from), Some((offset, len)));
         match self.local_replica() {

@@ -34,7 +34,7 @@ use super::proto::{PROTOCOL_VERSION, check_name};
 /// First eight bytes of every handshake message.
 pub const HANDSHAKE_MAGIC: [u8; 8] = *b"PEERSAN\0";
 /// Oldest frame protocol version this node speaks.
-pub const MIN_VERSION: u16 = 2;
+pub const MIN_VERSION: u16 = 3;
 /// Newest frame protocol version this node speaks.
 pub const MAX_VERSION: u16 = PROTOCOL_VERSION;
 /// Feature bit 0: "upgrade the connection to TLS after the hello". Not implemented; a peer
@@ -893,8 +893,8 @@ mod tests {
 
     #[tokio::test]
     async fn version_mismatch_names_both_ranges() {
-        assert_eq!((MIN_VERSION, MAX_VERSION), (2, 2));
-        // A version 1 client against this server (2..2).
+        assert_eq!((MIN_VERSION, MAX_VERSION), (3, 3));
+        // A version 1 client against this server (3..3).
         let (mut c, mut s) = pair().await;
         let (cr, sr) =
             tokio::join!(cli_with(&mut c, cfg("node-a", b"k"), (1, 1), 0), srv(&mut s, cfg("node-b", b"k")),);
@@ -902,31 +902,31 @@ mod tests {
         let se = sr.unwrap_err();
         for e in [&ce, &se] {
             let m = e.to_string();
-            assert!(m.contains("1..1") && m.contains("2..2"), "{m}");
+            assert!(m.contains("1..1") && m.contains("3..3"), "{m}");
         }
-        assert!(matches!(ce, HandshakeError::VersionMismatch { ours: (1, 1), theirs: (2, 2) }));
-        assert!(matches!(se, HandshakeError::VersionMismatch { ours: (2, 2), theirs: (1, 1) }));
-        // This client (2..2) against a version 1 server.
+        assert!(matches!(ce, HandshakeError::VersionMismatch { ours: (1, 1), theirs: (3, 3) }));
+        assert!(matches!(se, HandshakeError::VersionMismatch { ours: (3, 3), theirs: (1, 1) }));
+        // This client (3..3) against a version 1 server.
         let (mut c, mut s) = pair().await;
         let (cr, sr) = tokio::join!(cli(&mut c, cfg("node-a", b"k")), srv_with(&mut s, cfg("node-b", b"k"), (1, 1)),);
-        assert!(matches!(cr, Err(HandshakeError::VersionMismatch { ours: (2, 2), theirs: (1, 1) })), "{cr:?}");
-        assert!(matches!(sr, Err(HandshakeError::VersionMismatch { ours: (1, 1), theirs: (2, 2) })), "{sr:?}");
-        // A newer client (3..4) against this server (2..2).
+        assert!(matches!(cr, Err(HandshakeError::VersionMismatch { ours: (3, 3), theirs: (1, 1) })), "{cr:?}");
+        assert!(matches!(sr, Err(HandshakeError::VersionMismatch { ours: (1, 1), theirs: (3, 3) })), "{sr:?}");
+        // A newer client (4..5) against this server (3..3).
         let (mut c, mut s) = pair().await;
         let (cr, sr) =
-            tokio::join!(cli_with(&mut c, cfg("node-a", b"k"), (3, 4), 0), srv(&mut s, cfg("node-b", b"k")),);
+            tokio::join!(cli_with(&mut c, cfg("node-a", b"k"), (4, 5), 0), srv(&mut s, cfg("node-b", b"k")),);
         let ce = cr.unwrap_err();
         let se = sr.unwrap_err();
         for e in [&ce, &se] {
             let m = e.to_string();
-            assert!(m.contains("3..4") && m.contains("2..2"), "{m}");
+            assert!(m.contains("4..5") && m.contains("3..3"), "{m}");
         }
-        assert!(matches!(ce, HandshakeError::VersionMismatch { ours: (3, 4), theirs: (2, 2) }));
-        assert!(matches!(se, HandshakeError::VersionMismatch { ours: (2, 2), theirs: (3, 4) }));
-        // This client (2..2) against a newer server (3..4).
+        assert!(matches!(ce, HandshakeError::VersionMismatch { ours: (4, 5), theirs: (3, 3) }));
+        assert!(matches!(se, HandshakeError::VersionMismatch { ours: (3, 3), theirs: (4, 5) }));
+        // This client (3..3) against a newer server (4..5).
         let (mut c, mut s) = pair().await;
-        let (cr, sr) = tokio::join!(cli(&mut c, cfg("node-a", b"k")), srv_with(&mut s, cfg("node-b", b"k"), (3, 4)),);
-        assert!(matches!(cr, Err(HandshakeError::VersionMismatch { ours: (2, 2), theirs: (3, 4) })));
+        let (cr, sr) = tokio::join!(cli(&mut c, cfg("node-a", b"k")), srv_with(&mut s, cfg("node-b", b"k"), (4, 5)),);
+        assert!(matches!(cr, Err(HandshakeError::VersionMismatch { ours: (3, 3), theirs: (4, 5) })));
         assert!(sr.is_err());
         // Overlapping ranges pick the highest common version.
         let (mut c, mut s) = pair().await;

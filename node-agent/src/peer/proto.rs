@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::codec::{Decoder, Encoder};
 
 /// Version of the frame protocol described here (negotiated by the handshake).
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest data payload of a `Write` request or a `Data` reply (and largest `Read` length).
 pub const MAX_DATA: usize = 32 << 20;
 /// Largest frame body accepted or produced: [`MAX_DATA`] plus room for the fixed fields.
@@ -43,6 +43,11 @@ pub const MAX_PEERS: usize = 32;
 pub const MAX_MESSAGE_LEN: usize = 4096;
 /// Size of the block that one bit of an out-of-sync bitmap stands for (`Request::GetBitmap`).
 pub const BITMAP_BLOCK: u64 = 4096;
+/// Most region grants one write carries (a multi-writer volume splits larger writes).
+pub const MAX_TAGS: usize = 64;
+/// Region sizes of multi-writer volumes: `1 << shift` bytes, 4 KiB to 4 MiB.
+pub const MIN_REGION_SHIFT: u8 = 12;
+pub const MAX_REGION_SHIFT: u8 = 22;
 
 /// Write flags
 pub const WF_FUA: u8 = 1; // durable before reply
@@ -68,6 +73,10 @@ pub mod kind {
     pub const DELETE_VOLUME: u8 = 0x0b;
     pub const RESYNC_READ: u8 = 0x0c;
     pub const RESOLVE: u8 = 0x0d;
+    pub const ACQUIRE: u8 = 0x0e;
+    pub const REVOKE: u8 = 0x0f;
+    pub const RELEASE: u8 = 0x10;
+    pub const RECOVER: u8 = 0x11;
 
     pub const OK: u8 = 0x81;
     pub const OPENED: u8 = 0x82;
@@ -75,6 +84,8 @@ pub mod kind {
     pub const FENCED: u8 = 0x84;
     pub const PONG: u8 = 0x85;
     pub const ERROR: u8 = 0x86;
+    pub const GRANTED: u8 = 0x87;
+    pub const RELEASED: u8 = 0x88;
 
     /// True for reply kinds (bit 7 set).
     pub fn is_reply(kind: u8) -> bool {
@@ -97,12 +108,18 @@ pub mod kind {
             DELETE_VOLUME => "DeleteVolume",
             RESYNC_READ => "ResyncRead",
             RESOLVE => "Resolve",
+            ACQUIRE => "Acquire",
+            REVOKE => "Revoke",
+            RELEASE => "Release",
+            RECOVER => "Recover",
             OK => "Ok",
             OPENED => "Opened",
             DATA => "Data",
             FENCED => "Fenced",
             PONG => "Pong",
             ERROR => "Error",
+            GRANTED => "Granted",
+            RELEASED => "Released",
             _ => "unknown",
         }
     }
@@ -131,6 +148,43 @@ pub struct ReplicaStateMsg {
     pub flag_epoch: u64,
 }
 
+/// The region grants a write of a multi-writer volume is made under (`engine/POLICING.md`):
+/// the volume's regions are `1 << shift` bytes, and `list` holds `(region, grant)` for every
+/// region the write touches, in ascending region order. Empty for single-writer volumes
+/// (`shift` is then 0).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tags {
+    pub shift: u8,
+    pub list: Vec<(u64, u64)>,
+}
+
+impl Tags {
+    fn encoded_len(&self) -> usize {
+        1 + 2 + 16 * self.list.len()
+    }
+
+    /// What the decoder checks: a shift in range (0 with no tags), at most [`MAX_TAGS`]
+    /// entries, regions strictly ascending.
+    fn check(&self) -> Result<(), String> {
+        if self.list.is_empty() {
+            return if self.shift == 0 { Ok(()) } else { Err(format!("region shift {} with no grants", self.shift)) };
+        }
+        if !(MIN_REGION_SHIFT..=MAX_REGION_SHIFT).contains(&self.shift) {
+            return Err(format!(
+                "region shift {} is outside {MIN_REGION_SHIFT}..={MAX_REGION_SHIFT} (4 KiB to 4 MiB regions)",
+                self.shift
+            ));
+        }
+        if self.list.len() > MAX_TAGS {
+            return Err(format!("{} grants, the maximum is {MAX_TAGS}", self.list.len()));
+        }
+        if self.list.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err("regions are not strictly ascending".into());
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// First request on a connection after the handshake: bind it to a volume.
@@ -148,6 +202,7 @@ pub enum Request {
         insync: u32,
         sent: u32,
         epoch: u64,
+        tags: Tags,
         data: Bytes,
     },
     WriteZeroes {
@@ -157,6 +212,7 @@ pub enum Request {
         insync: u32,
         sent: u32,
         epoch: u64,
+        tags: Tags,
     },
     Trim {
         offset: u64,
@@ -165,6 +221,7 @@ pub enum Request {
         insync: u32,
         sent: u32,
         epoch: u64,
+        tags: Tags,
     },
     Read {
         offset: u64,
@@ -205,6 +262,38 @@ pub enum Request {
     Resolve {
         keep: String,
     },
+    /// Multi-writer volumes, writer → arbiter: the sender wants to write `region` under
+    /// `epoch`. Answered `Granted` once the region is the sender's (after the arbiter took it
+    /// back from its holder, or recovered it), `Fenced` for another epoch.
+    Acquire {
+        epoch: u64,
+        region: u64,
+    },
+    /// Arbiter → holder: give `region` (held under `grant`) back once the writes to it that
+    /// are in flight have completed. Answered `Released`.
+    Revoke {
+        epoch: u64,
+        region: u64,
+        grant: u64,
+    },
+    /// Holder → arbiter, unasked: the sender gives `region` back; `dirty`: a write of the
+    /// sender's to it failed, so its replicas may differ.
+    Release {
+        epoch: u64,
+        region: u64,
+        grant: u64,
+        dirty: bool,
+    },
+    /// Arbiter → replica: adopt `grant` for `region` (refusing older writes to it), then
+    /// overwrite the region (`1 << shift` bytes from `region << shift`, cut at the volume's
+    /// end) with `data`.
+    Recover {
+        epoch: u64,
+        region: u64,
+        grant: u64,
+        shift: u8,
+        data: Bytes,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,6 +316,14 @@ pub enum Reply {
         code: ErrorCode,
         message: String,
     },
+    /// Answer to `Acquire`: the region is the sender's under `grant`.
+    Granted {
+        grant: u64,
+    },
+    /// Answer to `Revoke`: the region is given back; `dirty` as in `Request::Release`.
+    Released {
+        dirty: bool,
+    },
 }
 
 /// Error codes carried by `Reply::Error`. An unknown code on the wire decodes to `Internal`
@@ -243,6 +340,10 @@ pub enum ErrorCode {
     Checksum = 7,
     Busy = 8,
     Internal = 9,
+    /// Multi-writer volumes: a write's region grant is older than one the replica adopted
+    /// (the region was handed over or recovered), or its epoch is not known there yet.
+    /// Nothing was executed; the writer acquires the region again and retries.
+    StaleGrant = 10,
 }
 
 impl ErrorCode {
@@ -257,6 +358,7 @@ impl ErrorCode {
             6 => ErrorCode::NotInSync,
             7 => ErrorCode::Checksum,
             8 => ErrorCode::Busy,
+            10 => ErrorCode::StaleGrant,
             _ => ErrorCode::Internal,
         }
     }
@@ -305,6 +407,10 @@ impl Request {
             Request::DeleteVolume { .. } => kind::DELETE_VOLUME,
             Request::ResyncRead { .. } => kind::RESYNC_READ,
             Request::Resolve { .. } => kind::RESOLVE,
+            Request::Acquire { .. } => kind::ACQUIRE,
+            Request::Revoke { .. } => kind::REVOKE,
+            Request::Release { .. } => kind::RELEASE,
+            Request::Recover { .. } => kind::RECOVER,
         }
     }
 
@@ -316,8 +422,12 @@ impl Request {
     fn body_len(&self) -> usize {
         match self {
             Request::Open { volume, from_node, state } => 1 + volume.len() + 1 + from_node.len() + state_len(state),
-            Request::Write { data, .. } => WRITE_PREFIX + data.len(),
-            Request::WriteZeroes { .. } | Request::Trim { .. } => 33,
+            Request::Write { data, tags, .. } => WRITE_PREFIX + tags.encoded_len() + data.len(),
+            Request::WriteZeroes { tags, .. } | Request::Trim { tags, .. } => 33 + tags.encoded_len(),
+            Request::Acquire { .. } => 16,
+            Request::Revoke { .. } => 24,
+            Request::Release { .. } => 25,
+            Request::Recover { data, .. } => 25 + data.len(),
             Request::Read { .. } | Request::GetBitmap { .. } | Request::ResyncRead { .. } => 12,
             Request::Flush | Request::Ping => 0,
             Request::State { state } => state_len(state),
@@ -337,16 +447,31 @@ impl Request {
                 check_name_enc(from_node, "from_node")?;
                 check_state_enc(state)
             }
-            Request::Write { offset, flags, data, .. } => {
+            Request::Write { offset, flags, data, tags, .. } => {
                 if data.len() > MAX_DATA {
                     return Err(unencodable("data", format!("{} bytes > MAX_DATA", data.len())));
                 }
                 check_flags_enc(*flags)?;
+                tags.check().map_err(|reason| unencodable("tags", reason))?;
                 check_range_enc(*offset, data.len() as u64, "offset+len")
             }
-            Request::WriteZeroes { offset, len, flags, .. } | Request::Trim { offset, len, flags, .. } => {
+            Request::WriteZeroes { offset, len, flags, tags, .. } | Request::Trim { offset, len, flags, tags, .. } => {
                 check_flags_enc(*flags)?;
+                tags.check().map_err(|reason| unencodable("tags", reason))?;
                 check_range_enc(*offset, *len, "offset+len")
+            }
+            Request::Acquire { .. } | Request::Revoke { .. } | Request::Release { .. } => Ok(()),
+            Request::Recover { shift, data, .. } => {
+                if !(MIN_REGION_SHIFT..=MAX_REGION_SHIFT).contains(shift) {
+                    return Err(unencodable(
+                        "shift",
+                        format!("{shift} is outside {MIN_REGION_SHIFT}..={MAX_REGION_SHIFT}"),
+                    ));
+                }
+                if data.len() as u64 > 1 << shift {
+                    return Err(unencodable("data", format!("{} bytes, more than a region", data.len())));
+                }
+                Ok(())
             }
             Request::Read { offset, len }
             | Request::GetBitmap { offset, len }
@@ -384,6 +509,8 @@ impl Reply {
             Reply::Fenced { .. } => kind::FENCED,
             Reply::Pong => kind::PONG,
             Reply::Error { .. } => kind::ERROR,
+            Reply::Granted { .. } => kind::GRANTED,
+            Reply::Released { .. } => kind::RELEASED,
         }
     }
 
@@ -399,12 +526,14 @@ impl Reply {
             Reply::Data { data } => data.len(),
             Reply::Fenced { holder, .. } => 8 + 1 + holder.len(),
             Reply::Error { message, .. } => 4 + truncate_utf8(message, MAX_MESSAGE_LEN).len(),
+            Reply::Granted { .. } => 8,
+            Reply::Released { .. } => 1,
         }
     }
 
     fn validate(&self) -> Result<(), ProtoError> {
         match self {
-            Reply::Ok | Reply::Pong | Reply::Error { .. } => Ok(()),
+            Reply::Ok | Reply::Pong | Reply::Error { .. } | Reply::Granted { .. } | Reply::Released { .. } => Ok(()),
             Reply::Opened { state } => check_state_enc(state),
             Reply::Data { data } => {
                 if data.len() > MAX_DATA {
@@ -661,13 +790,23 @@ fn put_names(dst: &mut BytesMut, names: &[String]) {
     }
 }
 
-/// The fixed fields of a `Write` body, in front of the data ([`WRITE_PREFIX`] bytes).
-fn put_write_prefix(dst: &mut BytesMut, offset: u64, flags: u8, insync: u32, sent: u32, epoch: u64) {
+/// The fields of a `Write` body in front of the data ([`WRITE_PREFIX`] bytes and the tags).
+fn put_write_prefix(dst: &mut BytesMut, offset: u64, flags: u8, insync: u32, sent: u32, epoch: u64, tags: &Tags) {
     dst.put_u64_le(offset);
     dst.put_u8(flags);
     dst.put_u32_le(insync);
     dst.put_u32_le(sent);
     dst.put_u64_le(epoch);
+    put_tags(dst, tags);
+}
+
+fn put_tags(dst: &mut BytesMut, tags: &Tags) {
+    dst.put_u8(tags.shift);
+    dst.put_u16_le(tags.list.len() as u16);
+    for &(region, grant) in &tags.list {
+        dst.put_u64_le(region);
+        dst.put_u64_le(grant);
+    }
 }
 
 /// Appends one request frame to `dst`. On error nothing is appended.
@@ -680,18 +819,41 @@ pub fn encode_request(id: u64, req: &Request, dst: &mut BytesMut) -> Result<(), 
             put_name(dst, from_node);
             put_state(dst, state);
         }
-        Request::Write { offset, flags, insync, sent, epoch, data } => {
-            put_write_prefix(dst, *offset, *flags, *insync, *sent, *epoch);
+        Request::Write { offset, flags, insync, sent, epoch, tags, data } => {
+            put_write_prefix(dst, *offset, *flags, *insync, *sent, *epoch, tags);
             dst.put_slice(data);
         }
-        Request::WriteZeroes { offset, len, flags, insync, sent, epoch }
-        | Request::Trim { offset, len, flags, insync, sent, epoch } => {
+        Request::WriteZeroes { offset, len, flags, insync, sent, epoch, tags }
+        | Request::Trim { offset, len, flags, insync, sent, epoch, tags } => {
             dst.put_u64_le(*offset);
             dst.put_u64_le(*len);
             dst.put_u8(*flags);
             dst.put_u32_le(*insync);
             dst.put_u32_le(*sent);
             dst.put_u64_le(*epoch);
+            put_tags(dst, tags);
+        }
+        Request::Acquire { epoch, region } => {
+            dst.put_u64_le(*epoch);
+            dst.put_u64_le(*region);
+        }
+        Request::Revoke { epoch, region, grant } => {
+            dst.put_u64_le(*epoch);
+            dst.put_u64_le(*region);
+            dst.put_u64_le(*grant);
+        }
+        Request::Release { epoch, region, grant, dirty } => {
+            dst.put_u64_le(*epoch);
+            dst.put_u64_le(*region);
+            dst.put_u64_le(*grant);
+            dst.put_u8(u8::from(*dirty));
+        }
+        Request::Recover { epoch, region, grant, shift, data } => {
+            dst.put_u64_le(*epoch);
+            dst.put_u64_le(*region);
+            dst.put_u64_le(*grant);
+            dst.put_u8(*shift);
+            dst.put_slice(data);
         }
         Request::Read { offset, len } | Request::GetBitmap { offset, len } | Request::ResyncRead { offset, len } => {
             dst.put_u64_le(*offset);
@@ -730,6 +892,8 @@ pub fn encode_reply(id: u64, reply: &Reply, dst: &mut BytesMut) -> Result<(), Pr
             dst.put_u16_le(msg.len() as u16);
             dst.put_slice(msg.as_bytes());
         }
+        Reply::Granted { grant } => dst.put_u64_le(*grant),
+        Reply::Released { dirty } => dst.put_u8(u8::from(*dirty)),
     }
     finish_frame(dst, start, reply.kind(), id);
     Ok(())
@@ -744,10 +908,10 @@ pub const VECTORED_MIN: usize = 16 << 10;
 /// is returned, to be sent right after them (vectored I/O, no copy).
 pub fn encode_request_vectored(id: u64, req: &Request, dst: &mut BytesMut) -> Result<Option<Bytes>, ProtoError> {
     match req {
-        Request::Write { offset, flags, insync, sent, epoch, data } if data.len() >= VECTORED_MIN => {
+        Request::Write { offset, flags, insync, sent, epoch, tags, data } if data.len() >= VECTORED_MIN => {
             req.validate()?;
-            let start = begin_frame(dst, WRITE_PREFIX);
-            put_write_prefix(dst, *offset, *flags, *insync, *sent, *epoch);
+            let start = begin_frame(dst, WRITE_PREFIX + tags.encoded_len());
+            put_write_prefix(dst, *offset, *flags, *insync, *sent, *epoch, tags);
             finish_frame_with_tail(dst, start, kind::WRITE, id, data);
             Ok(Some(data.clone()))
         }
@@ -882,6 +1046,14 @@ impl<'a> BodyReader<'a> {
         check_name(s).map_err(|reason| self.invalid(field, reason))?;
         Ok(s.to_owned())
     }
+    /// A boolean byte: 0 or 1.
+    fn flag(&mut self, field: &'static str) -> Result<bool, ProtoError> {
+        match self.u8(field)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(self.reserved(field, u64::from(v))),
+        }
+    }
     fn write_flags(&mut self) -> Result<u8, ProtoError> {
         let f = self.u8("flags")?;
         if f & !WF_ALL != 0 {
@@ -908,6 +1080,23 @@ impl<'a> BodyReader<'a> {
             names.push(self.name(field)?);
         }
         Ok(names)
+    }
+    /// The grants of a write (see [`Tags`]).
+    fn tags(&mut self) -> Result<Tags, ProtoError> {
+        let shift = self.u8("tags.shift")?;
+        let count = usize::from(self.u16("tags.count")?);
+        if count > MAX_TAGS {
+            return Err(self.invalid("tags", format!("{count} grants, the maximum is {MAX_TAGS}")));
+        }
+        let mut list = Vec::with_capacity(count);
+        for _ in 0..count {
+            let region = self.u64("tags.region")?;
+            let grant = self.u64("tags.grant")?;
+            list.push((region, grant));
+        }
+        let tags = Tags { shift, list };
+        tags.check().map_err(|reason| self.invalid("tags", reason))?;
+        Ok(tags)
     }
     /// `offset u64, len u32` of `Read`, `GetBitmap` and `ResyncRead`.
     fn read_range(&mut self) -> Result<(u64, u32), ProtoError> {
@@ -977,6 +1166,7 @@ fn parse_body(hdr: &FrameHeader, body: Bytes) -> Result<Frame, ProtoError> {
             let insync = r.u32("insync")?;
             let sent = r.u32("sent")?;
             let epoch = r.u64("epoch")?;
+            let tags = r.tags()?;
             let start = r.pos;
             let len = body.len() - start;
             if len > MAX_DATA {
@@ -985,7 +1175,7 @@ fn parse_body(hdr: &FrameHeader, body: Bytes) -> Result<Frame, ProtoError> {
             r.range(offset, len as u64, "offset+len")?;
             r.pos = body.len(); // the data runs to the end of the body
             let data = body.slice(start..);
-            Frame::Request { id, req: Request::Write { offset, flags, insync, sent, epoch, data } }
+            Frame::Request { id, req: Request::Write { offset, flags, insync, sent, epoch, tags, data } }
         }
         kind::WRITE_ZEROES | kind::TRIM => {
             let offset = r.u64("offset")?;
@@ -994,12 +1184,13 @@ fn parse_body(hdr: &FrameHeader, body: Bytes) -> Result<Frame, ProtoError> {
             let insync = r.u32("insync")?;
             let sent = r.u32("sent")?;
             let epoch = r.u64("epoch")?;
+            let tags = r.tags()?;
             r.finish()?;
             r.range(offset, len, "offset+len")?;
             let req = if k == kind::TRIM {
-                Request::Trim { offset, len, flags, insync, sent, epoch }
+                Request::Trim { offset, len, flags, insync, sent, epoch, tags }
             } else {
-                Request::WriteZeroes { offset, len, flags, insync, sent, epoch }
+                Request::WriteZeroes { offset, len, flags, insync, sent, epoch, tags }
             };
             Frame::Request { id, req }
         }
@@ -1043,6 +1234,51 @@ fn parse_body(hdr: &FrameHeader, body: Bytes) -> Result<Frame, ProtoError> {
             let keep = r.name("keep")?;
             r.finish()?;
             Frame::Request { id, req: Request::Resolve { keep } }
+        }
+        kind::ACQUIRE => {
+            let epoch = r.u64("epoch")?;
+            let region = r.u64("region")?;
+            Frame::Request { id, req: Request::Acquire { epoch, region } }
+        }
+        kind::REVOKE => {
+            let epoch = r.u64("epoch")?;
+            let region = r.u64("region")?;
+            let grant = r.u64("grant")?;
+            Frame::Request { id, req: Request::Revoke { epoch, region, grant } }
+        }
+        kind::RELEASE => {
+            let epoch = r.u64("epoch")?;
+            let region = r.u64("region")?;
+            let grant = r.u64("grant")?;
+            let dirty = r.flag("dirty")?;
+            Frame::Request { id, req: Request::Release { epoch, region, grant, dirty } }
+        }
+        kind::RECOVER => {
+            let epoch = r.u64("epoch")?;
+            let region = r.u64("region")?;
+            let grant = r.u64("grant")?;
+            let shift = r.u8("shift")?;
+            if !(MIN_REGION_SHIFT..=MAX_REGION_SHIFT).contains(&shift) {
+                return Err(r.invalid("shift", format!("{shift} is outside {MIN_REGION_SHIFT}..={MAX_REGION_SHIFT}")));
+            }
+            let start = r.pos;
+            if (body.len() - start) as u64 > 1 << shift {
+                return Err(r.invalid("data", format!("{} bytes, more than a region", body.len() - start)));
+            }
+            if region.checked_shl(u32::from(shift)).is_none_or(|o| o >> shift != region) {
+                return Err(r.invalid("region", format!("region {region} of 2^{shift} bytes lies past 2^64")));
+            }
+            r.pos = body.len();
+            let data = body.slice(start..);
+            Frame::Request { id, req: Request::Recover { epoch, region, grant, shift, data } }
+        }
+        kind::GRANTED => {
+            let grant = r.u64("grant")?;
+            Frame::Reply { id, reply: Reply::Granted { grant } }
+        }
+        kind::RELEASED => {
+            let dirty = r.flag("dirty")?;
+            Frame::Reply { id, reply: Reply::Released { dirty } }
         }
         kind::OK => {
             r.finish()?;
@@ -1118,7 +1354,7 @@ impl Decoder for PeerCodec {
         if actual != hdr.body_crc {
             return Err(ProtoError::BodyChecksum { id: hdr.id, kind: hdr.kind, expected: hdr.body_crc, actual });
         }
-        if !matches!(hdr.kind, 0x01..=0x0d | 0x81..=0x86) {
+        if !matches!(hdr.kind, 0x01..=0x11 | 0x81..=0x88) {
             return Err(ProtoError::UnknownKind { id: hdr.id, kind: hdr.kind });
         }
         for (field, value) in [
@@ -1215,9 +1451,26 @@ mod tests {
                 sent: 0b100,
                 epoch: 3,
                 data: Bytes::from(vec![7u8; 4096]),
+                tags: Tags::default(),
             },
-            Request::Write { offset: 0, flags: 0, insync: 0, sent: 0, epoch: 0, data: Bytes::new() },
-            Request::WriteZeroes { offset: 1 << 20, len: 1 << 21, flags: WF_RESYNC, insync: 1, sent: 2, epoch: 1 },
+            Request::Write {
+                offset: 0,
+                flags: 0,
+                insync: 0,
+                sent: 0,
+                epoch: 0,
+                data: Bytes::new(),
+                tags: Tags::default(),
+            },
+            Request::WriteZeroes {
+                offset: 1 << 20,
+                len: 1 << 21,
+                flags: WF_RESYNC,
+                insync: 1,
+                sent: 2,
+                epoch: 1,
+                tags: Tags::default(),
+            },
             Request::Trim {
                 offset: 512,
                 len: 1024,
@@ -1225,6 +1478,7 @@ mod tests {
                 insync: u32::MAX,
                 sent: 3,
                 epoch: u64::MAX,
+                tags: Tags::default(),
             },
             Request::Read { offset: 8192, len: 65536 },
             Request::Flush,
@@ -1241,6 +1495,29 @@ mod tests {
             Request::Ping,
             Request::ResyncRead { offset: 1 << 20, len: 1 << 20 },
             Request::Resolve { keep: "node-b".into() },
+            Request::Write {
+                offset: (3 << 20) - 4096,
+                flags: 0,
+                insync: 3,
+                sent: 3,
+                epoch: 2,
+                data: Bytes::from(vec![9u8; 8192]),
+                tags: Tags { shift: 20, list: vec![(2, 41), (3, 7)] },
+            },
+            Request::Trim {
+                offset: 0,
+                len: 64 << 10,
+                flags: 0,
+                insync: 1,
+                sent: 1,
+                epoch: 2,
+                tags: Tags { shift: 16, list: vec![(0, u64::MAX)] },
+            },
+            Request::Acquire { epoch: 4, region: 17 },
+            Request::Revoke { epoch: 4, region: 17, grant: 99 },
+            Request::Release { epoch: 4, region: 17, grant: 99, dirty: true },
+            Request::Release { epoch: 4, region: 0, grant: 1, dirty: false },
+            Request::Recover { epoch: 4, region: 3, grant: 100, shift: 12, data: Bytes::from(vec![1u8; 4096]) },
         ]
     }
 
@@ -1253,7 +1530,76 @@ mod tests {
             Reply::Fenced { epoch: u64::MAX, holder: String::new() },
             Reply::Pong,
             Reply::Error { code: ErrorCode::Fenced, message: "generation 3 < 5".into() },
+            Reply::Error { code: ErrorCode::StaleGrant, message: "grant 4 < 9".into() },
+            Reply::Granted { grant: 42 },
+            Reply::Released { dirty: true },
+            Reply::Released { dirty: false },
         ]
+    }
+
+    #[test]
+    fn policing_field_violations() {
+        let write_with = |tags: &[u8]| {
+            let mut body = 0u64.to_le_bytes().to_vec();
+            body.extend_from_slice(&[0; 17]);
+            body.extend_from_slice(tags);
+            body.extend_from_slice(&[0xAA; 16]);
+            raw_frame(kind::WRITE, 0, 0, 4, &body)
+        };
+        let tag = |shift: u8, list: &[(u64, u64)]| {
+            let mut t = vec![shift];
+            t.extend_from_slice(&(list.len() as u16).to_le_bytes());
+            for (r, g) in list {
+                t.extend_from_slice(&r.to_le_bytes());
+                t.extend_from_slice(&g.to_le_bytes());
+            }
+            t
+        };
+        for (tags, why) in [
+            (tag(20, &[(1, 1), (1, 2)]), "not ascending"),
+            (tag(11, &[(0, 1)]), "shift below 4 KiB"),
+            (tag(23, &[(0, 1)]), "shift above 4 MiB"),
+            (tag(20, &[]), "a shift without grants"),
+            (tag(12, &(0..65).map(|r| (r, 1)).collect::<Vec<_>>()), "more than MAX_TAGS"),
+        ] {
+            let mut buf = write_with(&tags);
+            assert!(matches!(one(&mut buf), Err(ProtoError::InvalidField { field: "tags", .. })), "{why}");
+        }
+        // A count that runs past the body.
+        let mut buf = write_with(&[20, 9, 0]);
+        assert!(one(&mut buf).is_err());
+        // dirty must be 0 or 1.
+        let mut body = vec![0u8; 24];
+        body.push(2);
+        let mut buf = raw_frame(kind::RELEASE, 0, 0, 4, &body);
+        assert!(matches!(one(&mut buf), Err(ProtoError::ReservedBits { field: "dirty", .. })));
+        // Recover: shift in range, data at most a region, region inside u64.
+        let recover = |shift: u8, region: u64, data: usize| {
+            let mut body = 1u64.to_le_bytes().to_vec();
+            body.extend_from_slice(&region.to_le_bytes());
+            body.extend_from_slice(&5u64.to_le_bytes());
+            body.push(shift);
+            body.extend_from_slice(&vec![0u8; data]);
+            raw_frame(kind::RECOVER, 0, 0, 4, &body)
+        };
+        assert!(matches!(one(&mut recover(30, 0, 1)), Err(ProtoError::InvalidField { field: "shift", .. })));
+        assert!(matches!(one(&mut recover(12, 0, 4097)), Err(ProtoError::InvalidField { field: "data", .. })));
+        assert!(matches!(one(&mut recover(12, u64::MAX, 1)), Err(ProtoError::InvalidField { field: "region", .. })));
+        assert!(one(&mut recover(12, 5, 4096)).is_ok());
+        // The encoder refuses what the decoder would.
+        let bad = Request::Write {
+            offset: 0,
+            flags: 0,
+            insync: 0,
+            sent: 0,
+            epoch: 0,
+            data: Bytes::new(),
+            tags: Tags { shift: 20, list: vec![(3, 1), (2, 1)] },
+        };
+        assert!(matches!(
+            encode_request(1, &bad, &mut BytesMut::new()),
+            Err(ProtoError::Unencodable { field: "tags", .. })
+        ));
     }
 
     fn decode_all(buf: &mut BytesMut) -> Vec<Result<Frame, ProtoError>> {
@@ -1311,13 +1657,36 @@ mod tests {
 
         let mut b = BytesMut::new();
         let data = Bytes::from_static(b"abc");
-        let w = Request::Write { offset: 0x10, flags: WF_FUA, insync: 3, sent: 2, epoch: 0x0504, data };
+        let w = Request::Write {
+            offset: 0x10,
+            flags: WF_FUA,
+            insync: 3,
+            sent: 2,
+            epoch: 0x0504,
+            data,
+            tags: Tags::default(),
+        };
         encode_request(9, &w, &mut b).unwrap();
-        assert_eq!(le_u32(&b, 4), 25 + 3);
+        assert_eq!(le_u32(&b, 4), 25 + 3 + 3);
         assert_eq!(
             &b[32..],
-            &[0x10, 0, 0, 0, 0, 0, 0, 0, 1, 3, 0, 0, 0, 2, 0, 0, 0, 4, 5, 0, 0, 0, 0, 0, 0, b'a', b'b', b'c']
+            &[0x10, 0, 0, 0, 0, 0, 0, 0, 1, 3, 0, 0, 0, 2, 0, 0, 0, 4, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'a', b'b', b'c']
         );
+        // With grants: shift, count, then (region, grant) pairs.
+        let mut b = BytesMut::new();
+        let tags = Tags { shift: 20, list: vec![(2, 0x0706)] };
+        let w = Request::Write {
+            offset: 2 << 20,
+            flags: 0,
+            insync: 1,
+            sent: 1,
+            epoch: 1,
+            data: Bytes::from_static(b"z"),
+            tags,
+        };
+        encode_request(9, &w, &mut b).unwrap();
+        assert_eq!(le_u32(&b, 4), 25 + 3 + 16 + 1);
+        assert_eq!(&b[32 + 25..32 + 25 + 19], &[20, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 6, 7, 0, 0, 0, 0, 0, 0]);
         assert_eq!(w.encoded_len(), b.len());
     }
 
@@ -1342,13 +1711,14 @@ mod tests {
             sent: 2,
             epoch: 5,
             data: Bytes::from_static(b"abcd"),
+            tags: Tags::default(),
         };
         encode_request(7, &w, &mut b).unwrap();
         assert_eq!(
             hex(&b),
             concat!(
-                "50534631 1d000000 02 00 0000 0700000000000000 33f63ed5 00000000 07519566",
-                " 0010000000000000 01 03000000 02000000 0500000000000000 61626364"
+                "50534631 20000000 02 00 0000 0700000000000000 567d356c 00000000 54d68c5a",
+                " 0010000000000000 01 03000000 02000000 0500000000000000 00 0000 61626364"
             )
             .replace(' ', "")
         );
@@ -1425,8 +1795,15 @@ mod tests {
     #[test]
     fn write_data_is_zero_copy() {
         let mut buf = BytesMut::new();
-        let w =
-            Request::Write { offset: 0, flags: 0, insync: 1, sent: 1, epoch: 1, data: Bytes::from(vec![0xAB; 4096]) };
+        let w = Request::Write {
+            offset: 0,
+            flags: 0,
+            insync: 1,
+            sent: 1,
+            epoch: 1,
+            data: Bytes::from(vec![0xAB; 4096]),
+            tags: Tags::default(),
+        };
         encode_request(1, &w, &mut buf).unwrap();
         let base = buf.as_ptr() as usize;
         let end = base + buf.len();
@@ -1435,7 +1812,7 @@ mod tests {
         };
         let p = data.as_ptr() as usize;
         assert!(p >= base && p + data.len() <= end, "data was copied");
-        assert_eq!(p, base + HEADER_LEN + WRITE_PREFIX);
+        assert_eq!(p, base + HEADER_LEN + WRITE_PREFIX + 3);
     }
 
     #[test]
@@ -1535,7 +1912,7 @@ mod tests {
     #[test]
     fn max_size_write_round_trips() {
         let data = Bytes::from(vec![0x5A; MAX_DATA]);
-        let w = Request::Write { offset: 0, flags: WF_FUA, insync: 1, sent: 1, epoch: 1, data };
+        let w = Request::Write { offset: 0, flags: WF_FUA, insync: 1, sent: 1, epoch: 1, data, tags: Tags::default() };
         let mut buf = BytesMut::new();
         encode_request(1, &w, &mut buf).unwrap();
         let f = one(&mut buf).unwrap().unwrap();
@@ -1548,6 +1925,7 @@ mod tests {
             sent: 0,
             epoch: 0,
             data: Bytes::from(vec![0; MAX_DATA + 1]),
+            tags: Tags::default(),
         };
         let mut buf = BytesMut::from(&b"xy"[..]);
         assert!(matches!(encode_request(1, &w, &mut buf), Err(ProtoError::Unencodable { field: "data", .. })));
@@ -1608,8 +1986,12 @@ mod tests {
         let mut buf = raw_frame(kind::READ, 0, 0, 4, &body);
         assert!(matches!(one(&mut buf), Err(ProtoError::TrailingBytes { extra: 1, .. })));
         let mut ok = BytesMut::new();
-        encode_request(4, &Request::Trim { offset: 1, len: 2, flags: 0, insync: 1, sent: 1, epoch: 1 }, &mut ok)
-            .unwrap();
+        encode_request(
+            4,
+            &Request::Trim { offset: 1, len: 2, flags: 0, insync: 1, sent: 1, epoch: 1, tags: Tags::default() },
+            &mut ok,
+        )
+        .unwrap();
         let mut body = ok[HEADER_LEN..].to_vec();
         body.push(0);
         let mut buf = raw_frame(kind::TRIM, 0, 0, 4, &body);
@@ -1632,11 +2014,11 @@ mod tests {
         // offset + len overflow.
         let mut body = u64::MAX.to_le_bytes().to_vec();
         body.extend_from_slice(&2u64.to_le_bytes());
-        body.extend_from_slice(&[0; 17]);
+        body.extend_from_slice(&[0; 17 + 3]);
         let mut buf = raw_frame(kind::TRIM, 0, 0, 4, &body);
         assert!(matches!(one(&mut buf), Err(ProtoError::InvalidField { field: "offset+len", .. })));
         let mut body = u64::MAX.to_le_bytes().to_vec();
-        body.extend_from_slice(&[0; 17]);
+        body.extend_from_slice(&[0; 17 + 3]);
         body.push(0xAA); // one byte of data
         let mut buf = raw_frame(kind::WRITE, 0, 0, 4, &body);
         assert!(matches!(one(&mut buf), Err(ProtoError::InvalidField { field: "offset+len", .. })));
@@ -1801,9 +2183,25 @@ mod tests {
                 from_node: "n".into(),
                 state: ReplicaStateMsg { dirty_peers: vec!["".into()], ..st(&[]) },
             },
-            Request::Trim { offset: u64::MAX, len: 1, flags: 0, insync: 0, sent: 0, epoch: 0 },
-            Request::WriteZeroes { offset: 0, len: 1, flags: 0x80, insync: 0, sent: 0, epoch: 0 },
-            Request::Write { offset: u64::MAX, flags: 0, insync: 0, sent: 0, epoch: 0, data: Bytes::from_static(b"x") },
+            Request::Trim { offset: u64::MAX, len: 1, flags: 0, insync: 0, sent: 0, epoch: 0, tags: Tags::default() },
+            Request::WriteZeroes {
+                offset: 0,
+                len: 1,
+                flags: 0x80,
+                insync: 0,
+                sent: 0,
+                epoch: 0,
+                tags: Tags::default(),
+            },
+            Request::Write {
+                offset: u64::MAX,
+                flags: 0,
+                insync: 0,
+                sent: 0,
+                epoch: 0,
+                data: Bytes::from_static(b"x"),
+                tags: Tags::default(),
+            },
             Request::Read { offset: 0, len: MAX_DATA as u32 + 1 },
             Request::GetBitmap { offset: 0, len: MAX_DATA as u32 + 1 },
             Request::GetBitmap { offset: u64::MAX, len: 1 },
@@ -1959,6 +2357,7 @@ mod tests {
                     sent,
                     epoch,
                     data,
+                    tags: Tags::default(),
                 }
             ),
             (arb_range(), wf.clone(), any::<u32>(), any::<u32>(), any::<u64>()).prop_map(
@@ -1968,11 +2367,20 @@ mod tests {
                     flags,
                     insync,
                     sent,
-                    epoch
+                    epoch,
+                    tags: Tags::default(),
                 }
             ),
             (arb_range(), wf, any::<u32>(), any::<u32>(), any::<u64>()).prop_map(
-                |((offset, len), flags, insync, sent, epoch)| Request::Trim { offset, len, flags, insync, sent, epoch }
+                |((offset, len), flags, insync, sent, epoch)| Request::Trim {
+                    offset,
+                    len,
+                    flags,
+                    insync,
+                    sent,
+                    epoch,
+                    tags: Tags::default()
+                }
             ),
             arb_read_range().prop_map(|(offset, len)| Request::Read { offset, len }),
             Just(Request::Flush),
@@ -1981,11 +2389,38 @@ mod tests {
             Just(Request::Ping),
             arb_read_range().prop_map(|(offset, len)| Request::ResyncRead { offset, len }),
             arb_name().prop_map(|keep| Request::Resolve { keep }),
+            (any::<u64>(), any::<u64>()).prop_map(|(epoch, region)| Request::Acquire { epoch, region }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(epoch, region, grant)| Request::Revoke {
+                epoch,
+                region,
+                grant
+            }),
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<bool>())
+                .prop_map(|(epoch, region, grant, dirty)| Request::Release { epoch, region, grant, dirty }),
+            (any::<u64>(), 0u64..1 << 40, any::<u64>(), 12u8..=22, arb_data()).prop_map(
+                |(epoch, region, grant, shift, data)| Request::Recover {
+                    epoch,
+                    region,
+                    grant,
+                    shift,
+                    data: data.slice(..data.len().min(1 << shift)),
+                }
+            ),
+            (any::<u64>(), 12u8..=22, proptest::collection::btree_map(0u64..1 << 30, any::<u64>(), 1..8), arb_data())
+                .prop_map(|(epoch, shift, tags, data)| Request::Write {
+                    offset: 0,
+                    flags: 0,
+                    insync: 1,
+                    sent: 1,
+                    epoch,
+                    data,
+                    tags: Tags { shift, list: tags.into_iter().collect() },
+                }),
         ]
     }
 
     fn arb_code() -> impl Strategy<Value = ErrorCode> {
-        (1u16..=9).prop_map(ErrorCode::from_u16)
+        (1u16..=10).prop_map(ErrorCode::from_u16)
     }
 
     fn arb_reply() -> impl Strategy<Value = Reply> {
@@ -1996,6 +2431,8 @@ mod tests {
             (any::<u64>(), arb_opt_name()).prop_map(|(epoch, holder)| Reply::Fenced { epoch, holder }),
             Just(Reply::Pong),
             (arb_code(), "\\PC{0,300}").prop_map(|(code, message)| Reply::Error { code, message }),
+            any::<u64>().prop_map(|grant| Reply::Granted { grant }),
+            any::<bool>().prop_map(|dirty| Reply::Released { dirty }),
         ]
     }
 
@@ -2131,6 +2568,7 @@ mod tests {
             sent: 0b110,
             epoch: 1,
             data: Bytes::from(vec![0xC3; 4096]),
+            tags: Tags::default(),
         };
         let batch = 64;
         let rounds = 20_000;
@@ -2168,12 +2606,20 @@ mod tests {
     #[test]
     fn vectored_encoding_matches_plain_encoding() {
         let data = Bytes::from((0..100_000u32).map(|i| (i * 7) as u8).collect::<Vec<u8>>());
-        let req = Request::Write { offset: 4096, flags: WF_FUA, insync: 3, sent: 7, epoch: 9, data: data.clone() };
+        let req = Request::Write {
+            offset: 4096,
+            flags: WF_FUA,
+            insync: 3,
+            sent: 7,
+            epoch: 9,
+            data: data.clone(),
+            tags: Tags::default(),
+        };
         let mut plain = BytesMut::new();
         encode_request(9, &req, &mut plain).unwrap();
         let mut head = BytesMut::new();
         let tail = encode_request_vectored(9, &req, &mut head).unwrap().unwrap();
-        assert_eq!(head.len(), HEADER_LEN + WRITE_PREFIX);
+        assert_eq!(head.len(), HEADER_LEN + WRITE_PREFIX + 3);
         assert_eq!(tail.as_ptr(), data.as_ptr(), "the data is not copied");
         head.extend_from_slice(&tail);
         assert_eq!(head, plain);
@@ -2188,8 +2634,15 @@ mod tests {
 
         // Small payloads are encoded whole.
         let mut b = BytesMut::new();
-        let small =
-            Request::Write { offset: 0, flags: 0, insync: 1, sent: 1, epoch: 1, data: Bytes::from_static(b"abc") };
+        let small = Request::Write {
+            offset: 0,
+            flags: 0,
+            insync: 1,
+            sent: 1,
+            epoch: 1,
+            data: Bytes::from_static(b"abc"),
+            tags: Tags::default(),
+        };
         assert!(encode_request_vectored(1, &small, &mut b).unwrap().is_none());
         assert_eq!(b.len(), small.encoded_len());
     }

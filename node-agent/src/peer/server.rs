@@ -143,7 +143,7 @@ async fn serve_conn<L: VolumeLookup>(
             frame = read_frame(&mut rd, &mut rbuf) => match frame.transpose() {
                 Some(Ok(Frame::Request { id, req })) => {
                     let v = volume.clone();
-                    inflight.push(async move { (id, v.serve_peer(idx, req).await) });
+                    inflight.push(async move { (id, v.serve_peer(idx, session_id, req).await) });
                 }
                 Some(Ok(Frame::Reply { .. })) => break Err("peer sent a reply on a request stream".to_string()),
                 Some(Err(e)) if !e.is_fatal() => {
@@ -164,6 +164,8 @@ async fn serve_conn<L: VolumeLookup>(
         send(&writer, id, &reply);
     }
     writer.close();
+    // Region grants given on this connection end with it.
+    volume.peer_session_ended(idx, session_id);
     result
 }
 
