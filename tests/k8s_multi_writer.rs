@@ -1,7 +1,7 @@
 //! Multi-writer volumes through the control plane, on a real API server with the operator,
 //! node agents in Kubernetes mode and the CSI controller as separate processes: a
 //! ReadWriteMany block volume of a MultiWriter VirtualSAN is published on a second node
-//! without moving its Lease (the live-migration pattern: published on the target, then
+//! without moving its Lease, and both nodes write it at once through their NBD exports (the live-migration pattern: published on the target, then
 //! unpublished on the source, and the Lease stays with its holder throughout, until the
 //! holder's node dies and failover moves it); a ReadWriteMany filesystem is refused, and so
 //! are several writers on a volume of a SingleWriter VirtualSAN.
@@ -14,8 +14,9 @@ mod kube_cluster;
 
 use std::time::Duration;
 
-use kube_cluster::{KubeCluster, LEASE_SECS, condition};
+use kube_cluster::{KubeCluster, LEASE_SECS, condition, try_qemu_io};
 use peersan_crds::WritePolicy;
+use peersan_crds::mirrorvolume::VolumeHealth;
 use peersan_csi_driver::pb;
 use peersan_csi_driver::pb::volume_capability::access_mode::Mode;
 use serde_json::json;
@@ -100,6 +101,9 @@ fn wait_ready(c: &mut KubeCluster, san: &str) {
 #[test]
 fn multi_writer_volume_is_published_on_two_nodes_without_moving_its_lease() {
     let names = ["node-a", "node-b"];
+    if !common::have("qemu-io") {
+        return;
+    }
     let Some(mut c) = KubeCluster::start(&names) else { return };
     let mut san = c.virtual_san("vms", &names, 2, json!({ "mode": "Cluster" }));
     san["spec"]["writePolicy"] = json!("MultiWriter");
@@ -167,6 +171,32 @@ fn multi_writer_volume_is_published_on_two_nodes_without_moving_its_lease() {
     let mut both = vec![source.clone(), target.clone()];
     both.sort();
     assert_eq!(on, both);
+    // Both write at once through their own NBD exports, and each reads the other's data:
+    // disjoint regions (1 MiB each), then one region written by one node and, overlapping,
+    // by the other (the region's grant moves between them).
+    let write = |n: &str, ops: &[&str]| {
+        let ops: Vec<String> = ops.iter().map(|o| o.to_string()).collect();
+        (n.to_owned(), ops)
+    };
+    let writers = [write(&source, &["write -P 0x11 0 1M"]), write(&target, &["write -P 0x22 1M 1M"])];
+    std::thread::scope(|s| {
+        for (n, ops) in &writers {
+            let uri = c.node(n).nbd_uri(vol);
+            s.spawn(move || try_qemu_io(&uri, ops).unwrap_or_else(|e| panic!("writing through {n}: {e}")));
+        }
+    });
+    for n in [&source, &target] {
+        try_qemu_io(&c.node(n).nbd_uri(vol), &["read -P 0x11 0 1M".into(), "read -P 0x22 1M 1M".into()])
+            .unwrap_or_else(|e| panic!("{n} reads both writers' data: {e}"));
+    }
+    try_qemu_io(&c.node(&target).nbd_uri(vol), &["write -P 0x33 2M 64k".into()]).expect("write on the target");
+    try_qemu_io(&c.node(&source).nbd_uri(vol), &["write -P 0x44 2080k 64k".into()]).expect("overlapping write");
+    for n in [&source, &target] {
+        let checks = ["read -P 0x33 2M 32k", "read -P 0x44 2080k 64k", "read -P 0 2144k 32k"];
+        try_qemu_io(&c.node(n).nbd_uri(vol), &checks.map(String::from))
+            .unwrap_or_else(|e| panic!("{n} reads the overlapping writes in one order: {e}"));
+    }
+
     // Both publishes again: idempotent, nothing moves.
     for n in [&target, &source] {
         let again = c.block_on(csi.controller_publish_volume(publish_request(vol, n, rwx_block()))).unwrap();
@@ -186,6 +216,10 @@ fn multi_writer_volume_is_published_on_two_nodes_without_moving_its_lease() {
     std::thread::sleep(Duration::from_secs(3 * LEASE_SECS));
     assert_eq!(c.write_priority(vol), Some((source.clone(), 2)), "no failover of a live holder");
     assert_eq!(reported_epoch(&c, vol, &target), Some(2));
+    // The target keeps writing under the same epoch, the unpublished holder arbitrating.
+    try_qemu_io(&c.node(&target).nbd_uri(vol), &["write -P 0x55 0 1M".into(), "read -P 0x22 1M 1M".into()])
+        .expect("the target writes after the source let go");
+    try_qemu_io(&c.node(&source).nbd_uri(vol), &["read -P 0x55 0 1M".into()]).expect("the source's replica has it");
     // Published again on the source and unpublished (a migration back and forth): no move.
     c.block_on(csi.controller_publish_volume(publish_request(vol, &source, rwx_block()))).expect("publish back");
     assert_eq!(c.write_priority(vol), Some((source.clone(), 2)));
@@ -209,9 +243,18 @@ fn multi_writer_volume_is_published_on_two_nodes_without_moving_its_lease() {
         }
     });
     assert_eq!(attached_nodes(&c, vol), vec![target.clone()], "the target stays published");
+    try_qemu_io(&c.node(&target).nbd_uri(vol), &["write -P 0x66 3M 1M".into(), "read -P 0x55 0 1M".into()])
+        .expect("the target writes as the new arbiter");
+    // The source returns and copies what it missed.
     let kubeconfig = c.server.kubeconfig.clone();
     c.node_mut(&source).agent.start(&kubeconfig);
     wait_ready(&mut c, "vms");
+    c.wait("the volume Healthy", T, |c| {
+        let h = c.get_volume(vol).and_then(|v| v.status).and_then(|s| s.health);
+        if h == Some(VolumeHealth::Healthy) { Ok(()) } else { Err(format!("{h:?}")) }
+    });
+    let checks = ["read -P 0x55 0 1M", "read -P 0x22 1M 1M", "read -P 0x33 2M 32k", "read -P 0x66 3M 1M"];
+    try_qemu_io(&c.node(&source).nbd_uri(vol), &checks.map(String::from)).expect("the source resynchronised");
     c.block_on(csi.controller_unpublish_volume(unpublish_request(vol, &target))).expect("unpublish the target");
     assert!(attached_nodes(&c, vol).is_empty());
 
