@@ -122,9 +122,22 @@ fn bad_requests_get_the_spec_codes() {
     multi.access_mode = Some(pb::volume_capability::AccessMode {
         mode: pb::volume_capability::access_mode::Mode::MultiNodeMultiWriter as i32,
     });
-    assert_eq!(
-        code(create(pb::CreateVolumeRequest { volume_capabilities: vec![multi.clone()], ..base.clone() })),
-        Code::InvalidArgument
+    let refused = |r: Result<tonic::Response<pb::CreateVolumeResponse>, tonic::Status>, reason: &str| {
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(reason), "the message should say {reason:?}: {}", e.message());
+    };
+    // Several writers: a filesystem never (not a cluster filesystem), and raw block access
+    // only on a multi-writer volume, which only the controller with --kubernetes creates.
+    refused(
+        create(pb::CreateVolumeRequest { volume_capabilities: vec![multi.clone()], ..base.clone() }),
+        "not cluster filesystems",
+    );
+    let mut multi_block = block_cap();
+    multi_block.access_mode = multi.access_mode;
+    refused(
+        create(pb::CreateVolumeRequest { volume_capabilities: vec![cap.clone(), multi_block.clone()], ..base.clone() }),
+        "volume_capabilities[1]: access mode MULTI_NODE_MULTI_WRITER needs a multi-writer volume, which only the controller with --kubernetes creates",
     );
     assert_eq!(
         code(create(pb::CreateVolumeRequest { volume_capabilities: vec![mount_cap("btrfs")], ..base.clone() })),
@@ -276,9 +289,13 @@ fn bad_requests_get_the_spec_codes() {
     // Wrong capability on an existing volume: not confirmed, with a message.
     let v = validate("pvc-bad", vec![multi.clone()]).unwrap().into_inner();
     assert!(v.confirmed.is_none() && v.message.contains("MULTI_NODE_MULTI_WRITER"), "{v:?}");
+    let v = validate("pvc-bad", vec![multi_block.clone()]).unwrap().into_inner();
+    assert!(v.confirmed.is_none() && v.message.contains("--kubernetes"), "{v:?}");
     let v = validate("pvc-bad", vec![cap.clone()]).unwrap().into_inner();
     assert!(v.confirmed.is_some(), "{v:?}");
     assert_eq!(code(h.publish("pvc-bad", holders[0], &multi, false)), Code::InvalidArgument);
+    let e = h.publish("pvc-bad", holders[0], &multi_block, false).unwrap_err();
+    assert!(e.code() == Code::InvalidArgument && e.message().contains("--kubernetes"), "{e:?}");
     assert_eq!(
         code(h.stage(holders[0], "pvc-bad", &mount_cap("btrfs"), &vol.volume_context, &Default::default())),
         Code::InvalidArgument
@@ -296,7 +313,9 @@ fn bad_requests_get_the_spec_codes() {
         Code::NotFound
     );
     h.publish("pvc-bad", holders[0], &cap, false).unwrap();
-    assert_eq!(code(h.publish("pvc-bad", holders[1], &cap, false)), Code::FailedPrecondition, "single writer");
+    let e = h.publish("pvc-bad", holders[1], &cap, false).unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "single writer: {e:?}");
+    assert!(e.message().contains("published on one node at a time"), "{e:?}");
     // Publishing on the node before staging, and deleting a published volume.
     assert_eq!(code(h.node_publish(holders[0], "pvc-bad", "pod", &cap, false)), Code::FailedPrecondition);
     assert_eq!(

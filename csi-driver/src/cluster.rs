@@ -12,6 +12,10 @@
 //!   its `peersan.io/epoch` annotation the fencing epoch. Created with the volume (holder: the
 //!   first replica, epoch 1); ControllerPublish to another node moves it and raises the
 //!   epoch. The node agents feed it into their engines, which refuse writes of older epochs.
+//!   A multi-writer volume (writePolicy MultiWriter, published with MULTI_NODE_MULTI_WRITER
+//!   block access) is published on several nodes at once: the first publish moves the
+//!   Lease, later ones leave it where it is (its holder arbitrates the writers' regions, and
+//!   a new epoch would fail the writes the others have in flight).
 //!
 //! A call that needs the agents to act (create, publish, expand) writes the desired state,
 //! then waits until the agents report it, up to `wait` (UNAVAILABLE after that: the caller
@@ -35,7 +39,7 @@ use tonic::{Request, Response, Status};
 use crate::controller::{Candidate, SIZE_ALIGN, csi_volume, place, size_for};
 use crate::error::{CsiError, CsiResult, require, require_some};
 use crate::limiter::VolumeGuards;
-use crate::params::{self, VolumeParams};
+use crate::params::{self, Access, Capability, VolumeParams};
 use crate::pb;
 use crate::pb::controller_server::Controller;
 
@@ -105,6 +109,41 @@ fn newest_reported_epoch(v: &MirrorVolume) -> u64 {
 
 fn attached(v: &MirrorVolume) -> Vec<String> {
     v.status.as_ref().map(|s| s.attached_nodes.clone()).unwrap_or_default()
+}
+
+/// Why a volume published on other nodes may not be published on one more with `cap`, or
+/// `None` when it may. Several nodes write at once only a MultiWriter volume (the engines of
+/// a SingleWriter volume take writes from the Lease holder only, and moving the Lease would
+/// fence the node writing now), and only through MULTI_NODE_MULTI_WRITER (any other mode
+/// tells that the workload expects no other writer) with raw block access (ext4 and xfs
+/// are not cluster filesystems: two nodes mounting one corrupt it).
+pub fn multi_node_refusal(v: &MirrorVolume, cap: &Capability) -> Option<String> {
+    if v.spec.write_policy != WritePolicy::MultiWriter {
+        return Some(format!(
+            "it is a single-writer volume (writePolicy {} of VirtualSAN {}), published on one node at a time",
+            params::write_policy_name(v.spec.write_policy),
+            v.spec.virtual_san
+        ));
+    }
+    if !cap.multi_writer() {
+        return Some(format!(
+            "access mode {} is for one node; several nodes at once need MULTI_NODE_MULTI_WRITER (ReadWriteMany)",
+            cap.mode.as_str_name()
+        ));
+    }
+    if matches!(cap.access, Access::Mount { .. }) {
+        return Some(
+            "a filesystem is mounted on one node at a time; several nodes at once need raw block access \
+             (volumeMode: Block)"
+                .into(),
+        );
+    }
+    None
+}
+
+/// How messages name a volume with its VirtualSAN.
+fn volume_source(v: &MirrorVolume) -> String {
+    format!("volume {} (VirtualSAN {})", v.metadata.name.as_deref().unwrap_or_default(), v.spec.virtual_san)
 }
 
 /// What a volume's replicas report, for messages: `node: state (detail)`.
@@ -266,6 +305,26 @@ impl ClusterController {
         Err(CsiError::Aborted(format!("Lease {name} keeps changing under this update; retry")))
     }
 
+    /// The holder and epoch of the volume's Lease as they are, for a publish that must not
+    /// move it. A Lease without a holder or an epoch is FAILED_PRECONDITION, and a missing
+    /// one UNAVAILABLE (the volume is being deleted): no writer arbitrates then.
+    async fn current_priority(&self, volume: &str) -> CsiResult<(String, u64)> {
+        let name = lease::volume_lease_name(volume).map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
+        let l = self
+            .leases
+            .get_opt(&name)
+            .await
+            .map_err(|e| api_error(&format!("reading Lease {name}"), e))?
+            .ok_or_else(|| CsiError::Unavailable(format!("Lease {name} of volume {volume} does not exist")))?;
+        let epoch = lease_epoch(&l)?;
+        match l.spec.and_then(|s| s.holder_identity) {
+            Some(holder) if epoch > 0 => Ok((holder, epoch)),
+            _ => Err(CsiError::FailedPrecondition(format!(
+                "Lease {name} of volume {volume} names no holder with an epoch, so no node arbitrates its writers"
+            ))),
+        }
+    }
+
     /// Makes the volume's Lease owned by its MirrorVolume, so that the garbage collector
     /// removes a Lease left behind by a deletion cut short. Best effort: DeleteVolume deletes
     /// the Lease itself.
@@ -328,8 +387,10 @@ impl Controller for ClusterController {
     /// its replica. Required: `name`, `volume_capabilities`. Idempotent: the same name with a
     /// compatible size and replica count returns the existing volume (waiting for its
     /// replicas); an incompatible one gets ALREADY_EXISTS. A content source gets
-    /// INVALID_ARGUMENT. An unknown VirtualSAN gets FAILED_PRECONDITION; too little space or
-    /// too few ready nodes RESOURCE_EXHAUSTED; replicas not reported in time UNAVAILABLE.
+    /// INVALID_ARGUMENT, and so does MULTI_NODE_MULTI_WRITER (ReadWriteMany) unless the
+    /// VirtualSAN's writePolicy is MultiWriter and the access is raw block. An unknown
+    /// VirtualSAN gets FAILED_PRECONDITION; too little space or too few ready nodes
+    /// RESOURCE_EXHAUSTED; replicas not reported in time UNAVAILABLE.
     async fn create_volume(
         &self,
         req: Request<pb::CreateVolumeRequest>,
@@ -338,7 +399,7 @@ impl Controller for ClusterController {
         crate::log::request("CreateVolume", &r, true);
         let name = require("name", &r.name)?;
         crate::controller::check_volume_name(name)?;
-        params::capabilities("volume_capabilities", &r.volume_capabilities)?;
+        let caps = params::capabilities("volume_capabilities", &r.volume_capabilities)?;
         if r.volume_content_source.is_some() {
             return Err(CsiError::InvalidArgument(
                 "volume_content_source: creating a volume from a snapshot or another volume is not supported".into(),
@@ -373,6 +434,7 @@ impl Controller for ClusterController {
                     ))
                     .into());
                 }
+                params::check_write_policy("volume_capabilities", &caps, v.spec.write_policy, &volume_source(&v))?;
                 v
             }
             None => {
@@ -388,6 +450,12 @@ impl Controller for ClusterController {
                     ))
                     .into());
                 }
+                params::check_write_policy(
+                    "volume_capabilities",
+                    &caps,
+                    san.spec.write_policy,
+                    &format!("VirtualSAN {san_name}"),
+                )?;
                 let n = if r.parameters.contains_key(params::PARAM_REPLICAS) {
                     p.replicas as usize
                 } else {
@@ -467,14 +535,25 @@ impl Controller for ClusterController {
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
-    /// Attaches a volume to `node_id` and gives that node write priority: the volume's Lease
-    /// moves to it with a new fencing epoch, and the call returns once the node's agent runs
-    /// under that epoch (from then on the replicas refuse writes of the previous holder).
-    /// Required: `volume_id`, `node_id`, `volume_capability`. Idempotent for the node it is
-    /// attached to. A volume attached to another node gets FAILED_PRECONDITION (single
-    /// writer); a node without a replica FAILED_PRECONDITION (the volume is accessible only
-    /// on its replica nodes); an unknown volume NOT_FOUND; an agent that does not take the
-    /// epoch in time UNAVAILABLE.
+    /// Attaches a volume to `node_id`. Required: `volume_id`, `node_id`,
+    /// `volume_capability`. Idempotent for a node it is attached to.
+    ///
+    /// The first node gets write priority: the volume's Lease moves to it with a new fencing
+    /// epoch, and the call returns once the node's agent runs under that epoch (from then on
+    /// the replicas refuse writes of the previous holder).
+    ///
+    /// A volume attached elsewhere is attached here too only when it is multi-writer
+    /// (writePolicy MultiWriter) and the capability is MULTI_NODE_MULTI_WRITER with raw block
+    /// access: the live migration of a virtual machine (published on the target, both write
+    /// for a while, unpublished on the source) and clustered filesystems. The Lease stays
+    /// where it is: its holder arbitrates the writers' regions, and a new epoch would void
+    /// every grant and fail the writes the other nodes have in flight. The call returns once
+    /// the node's agent runs under the Lease's epoch. Otherwise FAILED_PRECONDITION, naming
+    /// the rule that refused it.
+    ///
+    /// A node without a replica gets FAILED_PRECONDITION (the volume is accessible only on
+    /// its replica nodes); an unknown volume NOT_FOUND; an agent that does not take the epoch
+    /// in time UNAVAILABLE.
     async fn controller_publish_volume(
         &self,
         req: Request<pb::ControllerPublishVolumeRequest>,
@@ -494,19 +573,13 @@ impl Controller for ClusterController {
             .into());
         }
         let on = attached(&v);
-        // One node at a time, whatever the volume's write policy: the engines give write
-        // priority to one node per volume (MultiWriter is recorded, not yet enforced by
-        // per-region priority), so a second node would fence the first.
-        if on.iter().any(|n| n != node) {
-            let why = match v.spec.write_policy {
-                WritePolicy::SingleWriter => "a single-writer volume is published on one node at a time",
-                WritePolicy::MultiWriter => {
-                    "volumes are published on one node at a time (several writers at once are not supported yet)"
-                }
-            };
+        let others: Vec<&str> = on.iter().map(String::as_str).filter(|n| *n != node).collect();
+        if !others.is_empty()
+            && let Some(why) = multi_node_refusal(&v, &cap)
+        {
             return Err(CsiError::FailedPrecondition(format!(
                 "volume {name} is published on node {}; {why}",
-                on.join(", ")
+                others.join(", ")
             ))
             .into());
         }
@@ -515,12 +588,19 @@ impl Controller for ClusterController {
             nodes.push(node.to_owned());
             self.set_attached(name, &nodes).await?;
         }
-        let epoch = self.move_lease(&v, node).await?;
+        let (epoch, what) = if others.is_empty() {
+            let epoch = self.move_lease(&v, node).await?;
+            (epoch, format!("node {node} taking write priority at epoch {epoch}"))
+        } else {
+            let (holder, epoch) = self.current_priority(name).await?;
+            (epoch, format!("node {node} running under epoch {epoch} (write priority stays with {holder})"))
+        };
+        let sole = others.is_empty();
         let v = self
-            .wait_for(name, &format!("node {node} taking write priority at epoch {epoch}"), |v| {
+            .wait_for(name, &what, |v| {
                 v.status.as_ref().and_then(|s| s.replicas.iter().find(|r| r.node == node)).is_some_and(|r| {
                     r.epoch.is_some_and(|e| e.max(0) as u64 >= epoch)
-                        && r.writer.as_deref() == Some(node)
+                        && (!sole || r.writer.as_deref() == Some(node))
                         && r.state != ReplicaState::SplitBrain
                 })
             })
@@ -529,6 +609,7 @@ impl Controller for ClusterController {
             volume = name,
             node,
             epoch,
+            also_on = ?others,
             readonly = r.readonly || cap.read_only_mode(),
             health = ?v.status.as_ref().and_then(|s| s.health),
             "published"
@@ -540,8 +621,18 @@ impl Controller for ClusterController {
 
     /// Detaches a volume from `node_id` (from every node when it is empty). Required:
     /// `volume_id`. Idempotent: a volume not attached there, or that does not exist,
-    /// succeeds (it can be regarded as unpublished, as the spec allows). Write priority stays
-    /// with the node until another is published; the epoch fences it then.
+    /// succeeds (it can be regarded as unpublished, as the spec allows).
+    ///
+    /// Write priority never moves here. A single-writer volume keeps it on the node until
+    /// another is published; the epoch fences it then. A multi-writer volume whose Lease
+    /// holder is unpublished while other nodes stay attached (the end of a live migration)
+    /// keeps its Lease there as well: the holder's agent is the arbiter that grants the
+    /// writers their regions, and it keeps doing so without a pod of its own (its agent runs
+    /// and its replica is in sync). Moving the Lease would raise the epoch, which voids every
+    /// grant and fails the writes the remaining nodes have in flight, the pause that live
+    /// migration must not have. If the holder's node dies, the operator's failover moves the
+    /// Lease to an in-sync replica on a live node; once no node is attached, the next
+    /// publish moves it to its node.
     async fn controller_unpublish_volume(
         &self,
         req: Request<pb::ControllerUnpublishVolumeRequest>,
@@ -563,7 +654,8 @@ impl Controller for ClusterController {
         Ok(Response::new(pb::ControllerUnpublishVolumeResponse {}))
     }
 
-    /// Confirms the capabilities when peersan supports all of them; else an empty
+    /// Confirms the capabilities when peersan supports all of them for this volume
+    /// (MULTI_NODE_MULTI_WRITER: raw block access to a MultiWriter volume); else an empty
     /// `confirmed` with a message. Required: `volume_id`, `volume_capabilities`. An unknown
     /// volume gets NOT_FOUND.
     async fn validate_volume_capabilities(
@@ -576,8 +668,11 @@ impl Controller for ClusterController {
         if r.volume_capabilities.is_empty() {
             return Err(CsiError::InvalidArgument("volume_capabilities is required".into()).into());
         }
-        self.find(name).await?;
-        Ok(Response::new(crate::controller::validated(r)))
+        let v = self.find(name).await?;
+        let source = volume_source(&v);
+        Ok(Response::new(crate::controller::validated(r, |caps| {
+            params::check_write_policy("volume_capabilities", caps, v.spec.write_policy, &source)
+        })))
     }
 
     /// Lists the MirrorVolumes in name order with the nodes each is published on and its
@@ -754,5 +849,22 @@ mod tests {
         let s = replica_summary(&v);
         assert!(s.contains("a: in-sync") && s.contains("c: not reported"), "{s}");
         assert!(volume_condition(&v).abnormal, "no health reported is not normal");
+    }
+
+    #[test]
+    fn several_nodes_only_for_multi_writer_block_volumes() {
+        use crate::pb::volume_capability::access_mode::Mode;
+        let cap = |access, mode| Capability { access, mode };
+        let rwx_block = cap(Access::Block, Mode::MultiNodeMultiWriter);
+        let mut v = volume(&[]);
+        let why = multi_node_refusal(&v, &rwx_block).expect("a single-writer volume is refused");
+        assert!(why.contains("single-writer") && why.contains("SingleWriter of VirtualSAN san"), "{why}");
+        v.spec.write_policy = WritePolicy::MultiWriter;
+        assert_eq!(multi_node_refusal(&v, &rwx_block), None);
+        let why = multi_node_refusal(&v, &cap(Access::Block, Mode::SingleNodeWriter)).unwrap();
+        assert!(why.contains("SINGLE_NODE_WRITER is for one node"), "{why}");
+        let mount = Access::Mount { fs_type: "ext4".into(), mount_flags: vec![] };
+        let why = multi_node_refusal(&v, &cap(mount, Mode::MultiNodeMultiWriter)).unwrap();
+        assert!(why.contains("volumeMode: Block"), "{why}");
     }
 }

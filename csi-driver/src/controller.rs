@@ -9,7 +9,9 @@
 //!
 //! Publishing a volume to a node records the attachment on every reachable replica node
 //! and then gives that node write priority (the agent's Promote: a new fencing epoch, so
-//! that writes from the previous holder are refused by the replicas).
+//! that writes from the previous holder are refused by the replicas). Volumes are
+//! single-writer in this mode: multi-writer volumes (MULTI_NODE_MULTI_WRITER, published on
+//! several nodes at once) need the control plane (`--kubernetes`, `cluster.rs`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -346,8 +348,9 @@ impl Controller for ControllerService {
     /// Required: `name`, `volume_capabilities`. Idempotent: the same name with a compatible
     /// size and replica count returns the existing volume; an incompatible one gets
     /// ALREADY_EXISTS. A content source gets INVALID_ARGUMENT (snapshots and clones are not
-    /// supported). Too little space: RESOURCE_EXHAUSTED; a size outside the range:
-    /// OUT_OF_RANGE.
+    /// supported), and so does MULTI_NODE_MULTI_WRITER (volumes created here are
+    /// single-writer; multi-writer volumes need `--kubernetes`). Too little space:
+    /// RESOURCE_EXHAUSTED; a size outside the range: OUT_OF_RANGE.
     async fn create_volume(
         &self,
         req: Request<pb::CreateVolumeRequest>,
@@ -356,7 +359,10 @@ impl Controller for ControllerService {
         crate::log::request("CreateVolume", &r, true);
         let name = require("name", &r.name)?;
         check_volume_name(name)?;
-        params::capabilities("volume_capabilities", &r.volume_capabilities)?;
+        single_writer_only(
+            "volume_capabilities",
+            &params::capabilities("volume_capabilities", &r.volume_capabilities)?,
+        )?;
         if r.volume_content_source.is_some() {
             return Err(CsiError::InvalidArgument(
                 "volume_content_source: creating a volume from a snapshot or another volume is not supported".into(),
@@ -495,7 +501,8 @@ impl Controller for ControllerService {
     /// `volume_id`, `node_id`, `volume_capability`. Idempotent for the node it is attached
     /// to. A volume attached to another node gets FAILED_PRECONDITION (single writer); a
     /// node that holds no replica gets FAILED_PRECONDITION (the volume is accessible only
-    /// on its replica nodes); an unknown volume or node NOT_FOUND.
+    /// on its replica nodes); an unknown volume or node NOT_FOUND; MULTI_NODE_MULTI_WRITER
+    /// INVALID_ARGUMENT (volumes of this mode are single-writer).
     async fn controller_publish_volume(
         &self,
         req: Request<pb::ControllerPublishVolumeRequest>,
@@ -505,6 +512,9 @@ impl Controller for ControllerService {
         let name = require("volume_id", &r.volume_id)?;
         let node = require("node_id", &r.node_id)?;
         let cap = params::capability("volume_capability", require_some("volume_capability", &r.volume_capability)?)?;
+        if cap.multi_writer() {
+            return Err(multi_writer_refused("volume_capability").into());
+        }
         if self.endpoint(node).is_none() {
             return Err(CsiError::NotFound(format!("node {node} is not one of this controller's nodes")).into());
         }
@@ -581,7 +591,7 @@ impl Controller for ControllerService {
             return Err(CsiError::InvalidArgument("volume_capabilities is required".into()).into());
         }
         self.find(name).await?;
-        Ok(Response::new(validated(r)))
+        Ok(Response::new(validated(r, |caps| single_writer_only("volume_capabilities", caps))))
     }
 
     /// Lists the volumes of every reachable node, in name order, with the node each is
@@ -718,10 +728,36 @@ pub fn condition(v: &apb::Volume) -> pb::VolumeCondition {
     pb::VolumeCondition { abnormal, message: format!("{}: {}", v.health, replicas.join(", ")) }
 }
 
+/// With a nodes file every volume is single-writer: the agents' API creates volumes so, and
+/// their engines take writes from the node with write priority only. A capability asking
+/// for several writers (MULTI_NODE_MULTI_WRITER) gets INVALID_ARGUMENT saying where
+/// multi-writer volumes come from; `field` names it in the request.
+fn multi_writer_refused(field: &str) -> CsiError {
+    CsiError::InvalidArgument(format!(
+        "{field}: access mode MULTI_NODE_MULTI_WRITER needs a multi-writer volume, which only the controller \
+         with --kubernetes creates (on a VirtualSAN with writePolicy MultiWriter); with --nodes, volumes are \
+         single-writer"
+    ))
+}
+
+/// [`multi_writer_refused`] for the first capability of `caps` (request field `field`)
+/// that asks for several writers.
+fn single_writer_only(field: &str, caps: &[params::Capability]) -> CsiResult<()> {
+    match caps.iter().position(params::Capability::multi_writer) {
+        None => Ok(()),
+        Some(i) => Err(multi_writer_refused(&format!("{field}[{i}]"))),
+    }
+}
+
 /// ValidateVolumeCapabilities' answer for an existing volume: the capabilities and
-/// parameters confirmed when peersan supports all of them, else a message saying why not.
-pub(crate) fn validated(r: pb::ValidateVolumeCapabilitiesRequest) -> pb::ValidateVolumeCapabilitiesResponse {
+/// parameters confirmed when peersan supports all of them and `fits` accepts them for this
+/// volume (its write policy), else a message saying why not.
+pub(crate) fn validated(
+    r: pb::ValidateVolumeCapabilitiesRequest,
+    fits: impl FnOnce(&[params::Capability]) -> CsiResult<()>,
+) -> pb::ValidateVolumeCapabilitiesResponse {
     let checked = params::capabilities("volume_capabilities", &r.volume_capabilities)
+        .and_then(|caps| fits(&caps))
         .and_then(|_| VolumeParams::parse(&r.parameters).map(|_| ()));
     match checked {
         Ok(()) => pb::ValidateVolumeCapabilitiesResponse {

@@ -3,6 +3,8 @@
 
 use std::collections::HashMap;
 
+use peersan_crds::WritePolicy;
+
 use crate::error::{CsiError, CsiResult};
 use crate::pb;
 use crate::pb::volume_capability::access_mode::Mode;
@@ -113,11 +115,20 @@ impl Capability {
     pub fn read_only_mode(&self) -> bool {
         matches!(self.mode, Mode::SingleNodeReaderOnly | Mode::MultiNodeReaderOnly)
     }
+
+    /// True for MULTI_NODE_MULTI_WRITER (ReadWriteMany): several nodes write the volume at
+    /// once, which only a multi-writer volume allows.
+    pub fn multi_writer(&self) -> bool {
+        self.mode == Mode::MultiNodeMultiWriter
+    }
 }
 
-/// Checks one capability. peersan volumes are single-writer for now: a volume is
-/// attached to one node at a time (multi-node modes are refused with INVALID_ARGUMENT,
-/// which is what the spec asks for an unsupported capability).
+/// Checks one capability. Volumes are attached to one node at a time, except that
+/// MULTI_NODE_MULTI_WRITER is accepted for raw block access (volumeMode Block: live
+/// migration of virtual machines, clustered filesystems that lock their own blocks); the
+/// controller then decides whether the volume allows several writers. Other multi-node
+/// modes, and MULTI_NODE_MULTI_WRITER with a filesystem, are refused with
+/// INVALID_ARGUMENT, which is what the spec asks for an unsupported capability.
 pub fn capability(field: &str, c: &pb::VolumeCapability) -> CsiResult<Capability> {
     let mode = c
         .access_mode
@@ -125,17 +136,28 @@ pub fn capability(field: &str, c: &pb::VolumeCapability) -> CsiResult<Capability
         .ok_or_else(|| CsiError::InvalidArgument(format!("{field}.access_mode is required")))?
         .mode();
     match mode {
-        Mode::SingleNodeWriter | Mode::SingleNodeReaderOnly | Mode::SingleNodeSingleWriter => {}
+        Mode::SingleNodeWriter
+        | Mode::SingleNodeReaderOnly
+        | Mode::SingleNodeSingleWriter
+        | Mode::MultiNodeMultiWriter => {}
         Mode::Unknown => return Err(CsiError::InvalidArgument(format!("{field}.access_mode.mode is required"))),
         m => {
             return Err(CsiError::InvalidArgument(format!(
-                "{field}: access mode {} is not supported: a peersan volume is attached to one node at a time",
+                "{field}: access mode {} is not supported: a peersan volume is attached to one node at a time, \
+                 or to several for MULTI_NODE_MULTI_WRITER with raw block access",
                 m.as_str_name()
             )));
         }
     }
     let access = match &c.access_type {
         Some(pb::volume_capability::AccessType::Block(_)) => Access::Block,
+        Some(pb::volume_capability::AccessType::Mount(_)) if mode == Mode::MultiNodeMultiWriter => {
+            return Err(CsiError::InvalidArgument(format!(
+                "{field}: access mode MULTI_NODE_MULTI_WRITER is supported only with raw block access \
+                 (volumeMode: Block): {} are not cluster filesystems, and two nodes mounting one would corrupt it",
+                FILESYSTEMS.join(" and ")
+            )));
+        }
         Some(pb::volume_capability::AccessType::Mount(m)) => {
             let fs = if m.fs_type.is_empty() { DEFAULT_FS.to_owned() } else { m.fs_type.to_ascii_lowercase() };
             if !FILESYSTEMS.contains(&fs.as_str()) {
@@ -161,6 +183,30 @@ pub fn capabilities(field: &str, caps: &[pb::VolumeCapability]) -> CsiResult<Vec
         return Err(CsiError::InvalidArgument(format!("{field} is required")));
     }
     caps.iter().enumerate().map(|(i, c)| capability(&format!("{field}[{i}]"), c)).collect()
+}
+
+/// A write policy as the VirtualSAN and MirrorVolume specs spell it.
+pub fn write_policy_name(p: WritePolicy) -> &'static str {
+    match p {
+        WritePolicy::SingleWriter => "SingleWriter",
+        WritePolicy::MultiWriter => "MultiWriter",
+    }
+}
+
+/// Checks that checked capabilities `caps` (of request field `field`) fit a volume of write
+/// policy `policy`, which `source` names (a VirtualSAN or a volume): MULTI_NODE_MULTI_WRITER
+/// needs a MultiWriter volume (the engines of a SingleWriter volume accept writes from the
+/// Lease holder only). INVALID_ARGUMENT otherwise, naming `source` and its policy.
+pub fn check_write_policy(field: &str, caps: &[Capability], policy: WritePolicy, source: &str) -> CsiResult<()> {
+    let Some(i) = caps.iter().position(Capability::multi_writer) else { return Ok(()) };
+    if policy == WritePolicy::MultiWriter {
+        return Ok(());
+    }
+    Err(CsiError::InvalidArgument(format!(
+        "{field}[{i}]: access mode MULTI_NODE_MULTI_WRITER needs a multi-writer volume, and {source} has writePolicy {}; \
+         use a VirtualSAN with writePolicy MultiWriter for ReadWriteMany block volumes",
+        write_policy_name(policy)
+    )))
 }
 
 #[cfg(test)]
@@ -212,9 +258,16 @@ mod tests {
             capability("c", &cap(Some(AccessType::Block(BlockVolume {})), Mode::SingleNodeWriter)).unwrap().access,
             Access::Block
         );
+        let block = || Some(AccessType::Block(BlockVolume {}));
+        let rwx = capability("c", &cap(block(), Mode::MultiNodeMultiWriter)).unwrap();
+        assert!(rwx.multi_writer() && !rwx.read_only_mode());
+        assert_eq!(rwx.access, Access::Block);
         for (c, what) in [
             (cap(mount("btrfs"), Mode::SingleNodeWriter), "btrfs"),
-            (cap(mount("ext4"), Mode::MultiNodeMultiWriter), "MULTI_NODE_MULTI_WRITER"),
+            (cap(mount("ext4"), Mode::MultiNodeMultiWriter), "not cluster filesystems"),
+            (cap(mount(""), Mode::MultiNodeMultiWriter), "volumeMode: Block"),
+            (cap(block(), Mode::MultiNodeReaderOnly), "MULTI_NODE_READER_ONLY"),
+            (cap(block(), Mode::MultiNodeSingleWriter), "MULTI_NODE_SINGLE_WRITER"),
             (cap(None, Mode::SingleNodeWriter), "access_type"),
             (cap(mount("ext4"), Mode::Unknown), "mode is required"),
         ] {
@@ -223,5 +276,20 @@ mod tests {
             assert!(e.to_string().contains(what), "{e}");
         }
         assert!(capabilities("volume_capabilities", &[]).is_err());
+    }
+
+    #[test]
+    fn multi_writer_capabilities_need_a_multi_writer_volume() {
+        use pb::volume_capability::{AccessType, BlockVolume};
+        let block = |mode| capability("c", &cap(Some(AccessType::Block(BlockVolume {})), mode)).unwrap();
+        let rwo = block(Mode::SingleNodeWriter);
+        let rwx = block(Mode::MultiNodeMultiWriter);
+        let caps = [rwo.clone(), rwx.clone()];
+        assert!(check_write_policy("caps", &caps, WritePolicy::MultiWriter, "VirtualSAN vms").is_ok());
+        assert!(check_write_policy("caps", &[rwo], WritePolicy::SingleWriter, "VirtualSAN fast").is_ok());
+        let e = check_write_policy("caps", &caps, WritePolicy::SingleWriter, "VirtualSAN fast").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        let m = e.to_string();
+        assert!(m.starts_with("caps[1]:") && m.contains("VirtualSAN fast has writePolicy SingleWriter"), "{m}");
     }
 }

@@ -95,9 +95,11 @@ impl CsiCluster {
             .spawn()
             .unwrap();
         self.controller = Some(child);
+        // Ready once it accepts a connection: the socket file appears at bind(), a moment
+        // before listen(), and a connection attempt in between is refused.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.controller_socket.exists() {
-            assert!(Instant::now() < deadline, "the controller did not bind its socket; see controller.log");
+        while std::os::unix::net::UnixStream::connect(&self.controller_socket).is_err() {
+            assert!(Instant::now() < deadline, "the controller does not accept connections; see controller.log");
             std::thread::sleep(Duration::from_millis(20));
         }
     }

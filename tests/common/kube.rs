@@ -327,11 +327,12 @@ impl KubeCluster {
         Some((holder, epoch))
     }
 
-    /// A client of the CSI controller (connecting once its socket exists).
+    /// A client of the CSI controller (connecting once it accepts connections: its socket
+    /// file appears at bind(), a moment before listen()).
     pub fn controller(&mut self) -> ControllerClient<Channel> {
         let socket = self.csi_socket.clone();
         self.wait("the CSI controller's socket", Duration::from_secs(30), |_| {
-            if socket.exists() { Ok(()) } else { Err("no socket".into()) }
+            std::os::unix::net::UnixStream::connect(&socket).map(drop).map_err(|e| e.to_string())
         });
         let ch = self.rt.block_on(peersan_csi_driver::serve::channel(&socket)).expect("CSI controller channel");
         ControllerClient::new(ch)

@@ -120,7 +120,10 @@ impl CsiNode for NodeService {
     /// Required: `volume_id`, `staging_target_path`, `volume_capability`. Idempotent: a
     /// volume staged at the same path with the same access type succeeds; staged at another
     /// path or as another type: ALREADY_EXISTS. A volume without a replica here: NOT_FOUND.
-    /// Existing data is never formatted over (FAILED_PRECONDITION).
+    /// Existing data is never formatted over (FAILED_PRECONDITION). MULTI_NODE_MULTI_WRITER
+    /// (a ReadWriteMany claim) is staged like any block volume, on each node it is published
+    /// on (the controller decided that the volume takes several writers); with a filesystem
+    /// it is INVALID_ARGUMENT: two nodes mounting one ext4 or xfs filesystem corrupt it.
     async fn node_stage_volume(
         &self,
         req: Request<pb::NodeStageVolumeRequest>,

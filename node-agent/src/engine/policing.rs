@@ -34,6 +34,10 @@ use crate::peer::proto::{ErrorCode, Reply, Request, Tags};
 
 /// The arbiter persists its grant counter this many grants ahead.
 const GRANT_BATCH: u64 = 1024;
+/// A write is retried for this many peer I/O timeouts before its client gets `EIO`: enough
+/// for a region held by a writer that was cut off without its connection breaking (its
+/// `Revoke` times out after two, the region is reclaimed two later) to be recovered.
+const RETRY_TIMEOUTS: u32 = 6;
 
 /// A region's grant state at one node, in each of the three roles.
 pub(super) struct Policing {
@@ -440,7 +444,7 @@ impl Volume {
 
     /// A write-like operation of a multi-writer volume: split so that no part touches more
     /// than `MAX_TAGS` regions (each part is applied whole per region), each part retried
-    /// while its grants are refused or lost, for up to four peer I/O timeouts.
+    /// while its grants are refused or lost, for up to [`RETRY_TIMEOUTS`] peer I/O timeouts.
     pub(super) async fn submit_multi(&self, op: Op) -> Result<(), BlockError> {
         let p = self.mw();
         let (offset, len) = op.range();
@@ -460,7 +464,7 @@ impl Volume {
     }
 
     async fn submit_part(&self, op: Op) -> Result<(), BlockError> {
-        let deadline = tokio::time::Instant::now() + self.ctx.io_timeout * 4;
+        let deadline = tokio::time::Instant::now() + self.ctx.io_timeout * RETRY_TIMEOUTS;
         let mut tries = 0u32;
         loop {
             let changed = self.changed.notified();
