@@ -87,6 +87,7 @@ impl Run {
     }
 
     fn with_volume(name: &'static str, seed: u64, n: usize, vol: VolumeDef, peer_io: Duration) -> Run {
+        let vol_multi = vol.multi_writer.is_some();
         let region = match vol.multi_writer {
             Some(r) => r.unwrap_or(peersan_node_agent::config::DEFAULT_REGION_SIZE),
             None => MIB,
@@ -94,12 +95,18 @@ impl Run {
         let dir = test_dir();
         let c = start_cluster(dir.path(), n, vec![vol], |c| c.peer_io_timeout = peer_io);
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let mut history = History::new(SIZE);
+        // The engine applies a write whole within each piece of 64 regions (it cuts larger
+        // writes there), not across them.
+        if vol_multi {
+            history.atomic_unit = Some(peersan_node_agent::peer::proto::MAX_TAGS as u64 * region);
+        }
         let r = Run {
             name,
             seed,
             writers: (0..n).map(|_| None).collect(),
             rt,
-            history: Arc::new(Mutex::new(History::new(SIZE))),
+            history: Arc::new(Mutex::new(history)),
             c,
             dir: Some(dir),
             region,

@@ -26,7 +26,9 @@
 //!   precedence graph (real-time edges through a chain of time points, so it stays linear in
 //!   size) and looks for a cycle. It catches what no block alone shows: two overlapping writes
 //!   applied in different orders on different blocks (a write not applied whole), and
-//!   longer chains of contradictions. The stale rule is its two-write case.
+//!   longer chains of contradictions. The stale rule is its two-write case. Where writes
+//!   are whole only within aligned pieces ([`History::atomic_unit`]), each piece is a
+//!   write of its own in that order.
 
 #![allow(dead_code)]
 
@@ -73,12 +75,16 @@ impl WriteRec {
 pub struct History {
     pub origin: Instant,
     pub size: u64,
+    /// The unit of atomicity: a write is applied whole within each aligned piece of this
+    /// many bytes, and its pieces may be ordered differently against another write (a
+    /// multi-writer engine cuts a write at multiples of 64 regions). None: writes are whole.
+    pub atomic_unit: Option<u64>,
     writes: Vec<WriteRec>,
 }
 
 impl History {
     pub fn new(size: u64) -> History {
-        History { origin: Instant::now(), size, writes: Vec::new() }
+        History { origin: Instant::now(), size, atomic_unit: None, writes: Vec::new() }
     }
 
     pub fn now(&self) -> Duration {
@@ -456,8 +462,8 @@ fn torn_hint(h: &History, b: usize, block: &[u8]) -> String {
     format!("; its 512-byte sectors: {}", names.join(" "))
 }
 
-/// Node of the precedence graph: writes are `0..n` (sequence number - 1), time points
-/// follow.
+/// Node of the precedence graph: the parts of the writes (see [`History::atomic_unit`]),
+/// then time points.
 struct Graph {
     succ: Vec<Vec<u32>>,
 }
@@ -468,10 +474,54 @@ impl Graph {
     }
 }
 
+/// The parts of the writes: graph node numbers, and which write and part a node is.
+struct Parts {
+    /// Blocks per atomic unit (None: writes are whole).
+    unit: Option<usize>,
+    /// Per write (sequence number - 1), its first node.
+    first: Vec<usize>,
+    /// Per node, (sequence number, part index).
+    of: Vec<(u64, usize)>,
+}
+
+impl Parts {
+    fn new(h: &History) -> Parts {
+        let unit = h.atomic_unit.map(|u| (u / BLOCK as u64) as usize);
+        let mut first = Vec::with_capacity(h.len());
+        let mut of = Vec::with_capacity(h.len());
+        for (seq, w) in h.writes() {
+            first.push(of.len());
+            let blocks = w.blocks();
+            let count = match unit {
+                Some(u) => (blocks.end - 1) / u - blocks.start / u + 1,
+                None => 1,
+            };
+            of.extend((0..count).map(|k| (seq, k)));
+        }
+        Parts { unit, first, of }
+    }
+
+    /// The node of write `seq`'s part that covers block `b`.
+    fn node(&self, h: &History, seq: u64, b: usize) -> usize {
+        let base = self.first[seq as usize - 1];
+        match self.unit {
+            Some(u) => base + b / u - h.get(seq).unwrap().blocks().start / u,
+            None => base,
+        }
+    }
+
+    fn describe(&self, h: &History, node: usize) -> String {
+        let (seq, k) = self.of[node];
+        let parts = self.of[self.first[seq as usize - 1]..].iter().take_while(|(s, _)| *s == seq).count();
+        if parts > 1 { format!("part {k} of {}", h.describe(seq)) } else { h.describe(seq) }
+    }
+}
+
 /// Builds the precedence graph of the writes for the final content `finals` and returns a
 /// readable account of a cycle, if there is one.
 fn find_order_cycle(h: &History, finals: &[Option<u64>]) -> Option<String> {
-    let n = h.len();
+    let parts = Parts::new(h);
+    let n = parts.of.len();
     // Time points: the distinct completion times, ascending.
     let mut ends: Vec<Duration> = h.writes().filter_map(|(_, w)| w.end).collect();
     ends.sort_unstable();
@@ -480,33 +530,38 @@ fn find_order_cycle(h: &History, finals: &[Option<u64>]) -> Option<String> {
     for i in 1..ends.len() {
         g.edge(n + i - 1, n + i);
     }
-    for (seq, w) in h.writes() {
-        let i = seq as usize - 1;
+    for (node, &(seq, _)) in parts.of.iter().enumerate() {
+        let w = h.get(seq).unwrap();
         if let Some(e) = w.end {
-            // w completed at time point p: w -> p.
+            // The write completed at time point p: w -> p.
             let p = ends.binary_search(&e).unwrap();
-            g.edge(i, n + p);
+            g.edge(node, n + p);
         }
-        // The last time point strictly before w started: p -> w.
+        // The last time point strictly before the write started: p -> w.
         let p = ends.partition_point(|&e| e < w.start);
         if p > 0 {
-            g.edge(n + p - 1, i);
+            g.edge(n + p - 1, node);
         }
-        // Final content: an acknowledged write that covers a block comes before the write the
-        // block holds.
-        if w.outcome == Outcome::Acked {
-            let mut to: Vec<usize> = w.blocks().filter_map(|b| finals[b]).map(|s| s as usize - 1).collect();
-            to.sort_unstable();
-            to.dedup();
-            for t in to {
-                if t != i {
-                    g.edge(i, t);
-                }
-            }
+    }
+    // Final content: an acknowledged write that covers a block comes before the write the
+    // block holds (their parts that cover it).
+    for (seq, w) in h.writes() {
+        if w.outcome != Outcome::Acked {
+            continue;
+        }
+        let mut edges: Vec<(usize, usize)> = w
+            .blocks()
+            .filter_map(|b| finals[b].map(|f| (parts.node(h, seq, b), parts.node(h, f, b))))
+            .filter(|(from, to)| from != to)
+            .collect();
+        edges.sort_unstable();
+        edges.dedup();
+        for (from, to) in edges {
+            g.edge(from, to);
         }
     }
     let cycle = cycle_in(&g)?;
-    Some(explain_cycle(h, finals, n, &cycle))
+    Some(explain_cycle(h, &parts, finals, &cycle))
 }
 
 /// A cycle of `g` (its nodes in order), if any: Kahn's algorithm, then a walk backwards
@@ -557,8 +612,9 @@ fn cycle_in(g: &Graph) -> Option<Vec<usize>> {
     Some(cycle)
 }
 
-/// Says why each write of the cycle must come before the next.
-fn explain_cycle(h: &History, finals: &[Option<u64>], n: usize, cycle: &[usize]) -> String {
+/// Says why each write (part) of the cycle must come before the next.
+fn explain_cycle(h: &History, parts: &Parts, finals: &[Option<u64>], cycle: &[usize]) -> String {
+    let n = parts.of.len();
     // Rotate so that it starts at a write; time points between two writes make a
     // real-time edge.
     let first = cycle.iter().position(|&v| v < n).expect("a cycle holds a write");
@@ -572,15 +628,18 @@ fn explain_cycle(h: &History, finals: &[Option<u64>], n: usize, cycle: &[usize])
             j += 1;
         }
         let b = rotated[j % rotated.len()];
-        let (sa, sb) = (a as u64 + 1, b as u64 + 1);
+        let (sa, sb) = (parts.of[a].0, parts.of[b].0);
         let wa = h.get(sa).unwrap();
         let why = if j > k + 1 {
             format!("#{sa} completed before #{sb} started")
         } else {
-            let blk = wa.blocks().find(|&blk| finals[blk] == Some(sb)).unwrap();
+            let blk = wa
+                .blocks()
+                .find(|&blk| finals[blk] == Some(sb) && parts.node(h, sa, blk) == a && parts.node(h, sb, blk) == b)
+                .unwrap();
             format!("block {blk} holds #{sb} although acknowledged #{sa} covers it")
         };
-        let _ = write!(s, "\n    {} must precede #{sb}: {why}", h.describe(sa));
+        let _ = write!(s, "\n    {} must precede #{sb}: {why}", parts.describe(h, a));
         k = j;
     }
     s
@@ -763,6 +822,30 @@ mod tests {
         assert_eq!(r.order.len(), 1, "{r}");
         // c last everywhere it covers is an order: a, b, c.
         assert!(one(&h, image(&[(1, c), (2, c), (3, c), (4, c), (5, c)])).clean());
+    }
+
+    #[test]
+    fn writes_cut_into_atomic_units_may_be_ordered_per_unit() {
+        // a and b both cover blocks 1..=2, concurrently; block 1 holds a, block 2 holds b.
+        // Whole writes cannot do that; writes cut at every 2 blocks (blocks 0-1, 2-3) can.
+        let mut h = History::new(SIZE);
+        let a = acked(&mut h, 1, 2, 0, 10);
+        let b = acked(&mut h, 1, 2, 1, 11);
+        let img = image(&[(1, a), (2, b)]);
+        assert_eq!(one(&h, img.clone()).order.len(), 1);
+        h.atomic_unit = Some(2 * B);
+        let r = one(&h, img);
+        assert!(r.clean(), "{r}");
+        // Within one unit a write stays whole: a and b cover blocks 1..=3 (parts: block 1,
+        // blocks 2-3); blocks 2 and 3 may not disagree.
+        let mut h = History::new(SIZE);
+        h.atomic_unit = Some(2 * B);
+        let a = acked(&mut h, 1, 3, 0, 10);
+        let b = acked(&mut h, 1, 3, 1, 11);
+        let r = one(&h, image(&[(1, b), (2, a), (3, b)]));
+        assert_eq!(r.order.len(), 1, "{r}");
+        assert!(r.order[0].contains("part 1 of"), "{r}");
+        assert!(one(&h, image(&[(1, b), (2, a), (3, a)])).clean());
     }
 
     #[test]
