@@ -185,12 +185,25 @@ impl Run {
         }
     }
 
-    /// Polls until `cond` holds, failing with `what` after `max`.
+    /// Polls until `cond` holds, failing with `what` after `max`, or at once if a node
+    /// reports a split brain (no test here makes one legitimately).
     fn until(&self, what: &str, max: Duration, mut cond: impl FnMut(&Run) -> bool) {
         let deadline = Instant::now() + max;
+        let mut next_health = Instant::now();
         while !cond(self) {
             if Instant::now() > deadline {
                 self.fail(&format!("{what}: not within {max:?}"));
+            }
+            if Instant::now() >= next_health {
+                next_health = Instant::now() + Duration::from_millis(500);
+                for i in 0..self.n() {
+                    if self.c.members[i].child.is_some()
+                        && let Ok(v) = self.c.volume(i, VOLUME)
+                        && v.health == "split-brain"
+                    {
+                        self.fail(&format!("{what}: node-{} reports a split brain", i + 1));
+                    }
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
