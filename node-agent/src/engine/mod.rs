@@ -511,6 +511,10 @@ impl Volume {
         }
         let v = self.clone();
         tokio::spawn(async move { v.resync_loop().await });
+        if self.mw.is_some() {
+            let v = self.clone();
+            tokio::spawn(async move { v.run_sweeper().await });
+        }
     }
 
     /// Stops the engine's tasks and closes its connections.
@@ -781,10 +785,13 @@ impl Volume {
         }
         tracing::info!(volume = %self.spec.name, epoch, %holder, previous = %old.holder, "write priority changed");
         if let Some(p) = &self.mw {
-            // Multi-writer volumes: the new arbiter recovers every region that may differ
-            // before granting it (POLICING.md §6.4).
+            // Multi-writer volumes: grants of the old epoch are void; the new arbiter recovers
+            // the regions of its own recent extents, and every other replica re-copies its
+            // own from the new holder (below), covering the writes of every writer that were
+            // in flight at the change (POLICING.md §9).
             p.wake_all();
-        } else if old.holder != holder && holder != self.ctx.name {
+        }
+        if old.holder != holder && holder != self.ctx.name {
             let extents = self.al.recent(self.ctx.io_timeout * 3 + Duration::from_secs(1));
             if !extents.is_empty() && self.local_disk().is_some() {
                 {
@@ -1344,6 +1351,12 @@ impl Volume {
             None => {}
         }
         out.failed |= failed;
+        if multi && let Some(arbiter) = self.replica_index(&self.priority().holder) {
+            // Multi-writer: a write the arbiter's replica did not execute is not acknowledged
+            // (its regions are recovered from that replica), and the arbiter's replica is never
+            // recorded as having missed writes (POLICING.md §6.1).
+            failed &= !(1 << arbiter);
+        }
         self.flag_outdated(failed, None, range);
         if let Some(p) = &out.fenced
             && multi

@@ -113,11 +113,19 @@ struct Arbiter {
     /// Last grant number issued, and the persisted limit.
     next: u64,
     limit: u64,
-    /// Regions without an entry are `Free` (no replica was ever written) rather than
-    /// `Dirty` (inherited from an older epoch or from before a restart: recovered first).
-    clean_start: bool,
+    /// Regions without an entry are `Dirty` (this arbiter restarted within its epoch: what
+    /// it granted before is unknown) rather than `Free`.
+    dirty_start: bool,
     regions: HashMap<u64, Region>,
     next_ticket: u64,
+    /// Regions made dirty, for the sweeper ([`Volume::run_sweeper`]) to recover without
+    /// waiting for a writer to ask for them; and with `dirty_start`, the next region it
+    /// looks at.
+    to_recover: VecDeque<u64>,
+    sweep: u64,
+    /// Per replica, the newest of its connections that ended (a request still being served
+    /// from one is not granted anything: the grant would outlive the connection).
+    ended: HashMap<usize, u64>,
 }
 
 struct Region {
@@ -362,12 +370,19 @@ impl Writer {
 
 impl Arbiter {
     fn region(&mut self, r: u64) -> &mut Region {
-        let clean = self.clean_start;
+        let dirty = self.dirty_start;
         self.regions.entry(r).or_insert_with(|| Region {
-            state: if clean { RegionState::Free } else { RegionState::Dirty { not_before: Instant::now() } },
+            state: if dirty { RegionState::Dirty { not_before: Instant::now() } } else { RegionState::Free },
             busy: false,
             queue: VecDeque::new(),
         })
+    }
+
+    /// The replicas of region `r` may differ: recovered before its next grant, and by the
+    /// sweeper if nobody asks for it.
+    fn mark_dirty(&mut self, r: u64, not_before: Instant) {
+        self.region(r).state = RegionState::Dirty { not_before };
+        self.to_recover.push_back(r);
     }
 }
 
@@ -397,7 +412,7 @@ impl Drop for BusyGuard<'_> {
             if let Some(reg) = a.regions.get_mut(&self.region) {
                 reg.busy = false;
                 if !self.done && self.revoking {
-                    reg.state = RegionState::Dirty { not_before: Instant::now() };
+                    a.mark_dirty(self.region, Instant::now());
                 }
             }
         }
@@ -418,6 +433,10 @@ impl Drop for TicketGuard<'_> {
             let mut a = self.p.arbiter.lock().unwrap();
             if let Some(reg) = a.regions.get_mut(&self.region) {
                 reg.queue.retain(|&t| t != self.ticket);
+                // Left dirty by a requester that gave up: the sweeper's again.
+                if reg.queue.is_empty() && matches!(reg.state, RegionState::Dirty { .. }) {
+                    a.to_recover.push_back(self.region);
+                }
             }
         }
         self.p.arbiter_changed.notify_waiters();
@@ -843,10 +862,18 @@ impl Volume {
                     let reg = a.region(r);
                     reg.queue.front() == Some(&ticket) && !reg.busy
                 };
+                let gone = from != self.me && a.ended.get(&from).is_some_and(|&e| session <= e);
                 if !head {
                     Step::Wait(None)
                 } else {
-                    match a.region(r).state {
+                    let state = a.region(r).state;
+                    match state {
+                        RegionState::Free if gone => {
+                            return Err(Reply::Error {
+                                code: ErrorCode::Busy,
+                                message: "the connection this request came on has ended".into(),
+                            });
+                        }
                         RegionState::Free => match self.issue(&mut a, epoch) {
                             Ok(g) => {
                                 let reg = a.region(r);
@@ -879,13 +906,12 @@ impl Volume {
                     let outcome = self.revoke(epoch, r, node, grant).await;
                     {
                         let mut a = p.arbiter.lock().unwrap();
-                        let reg = a.region(r);
-                        if reg.state == (RegionState::Held { node, session: s, grant }) {
-                            reg.state = match outcome {
-                                Some(false) => RegionState::Free,
-                                Some(true) => RegionState::Dirty { not_before: Instant::now() },
-                                None => RegionState::Dirty { not_before: Instant::now() + self.reclaim_after() },
-                            };
+                        if a.region(r).state == (RegionState::Held { node, session: s, grant }) {
+                            match outcome {
+                                Some(false) => a.region(r).state = RegionState::Free,
+                                Some(true) => a.mark_dirty(r, Instant::now()),
+                                None => a.mark_dirty(r, Instant::now() + self.reclaim_after()),
+                            }
                         }
                     }
                     if outcome.is_none() {
@@ -898,11 +924,10 @@ impl Volume {
                     let res = self.recover_region(epoch, r, grant).await;
                     {
                         let mut a = p.arbiter.lock().unwrap();
-                        let reg = a.region(r);
-                        reg.state = match &res {
-                            Ok(()) => RegionState::Free,
-                            Err(_) => RegionState::Dirty { not_before: Instant::now() + Duration::from_millis(100) },
-                        };
+                        match &res {
+                            Ok(()) => a.region(r).state = RegionState::Free,
+                            Err(_) => a.mark_dirty(r, Instant::now() + Duration::from_millis(100)),
+                        }
                     }
                     guard.done = true;
                     if let Err(m) = res {
@@ -925,32 +950,126 @@ impl Volume {
         }
     }
 
-    /// Sets the region table up for `epoch` when it is not (§6.4: at a new epoch every region
-    /// is inherited dirty, unless no replica was ever written).
+    /// Sets the region table up for `epoch` when it is not (§6.4, §9 "Epoch changes").
+    ///
+    /// At a new epoch, the regions that writes of the old one may have left different are
+    /// those of writes in flight at the change, and they are in the activity log of every
+    /// replica that executed them: this node's own recent extents are dirty here (and
+    /// recovered from its replica at once), and every other replica re-copies its own from
+    /// this node when it adopts the epoch ([`Volume::adopt_priority`]); the rest is free.
+    /// An arbiter that restarted within its epoch (it had issued grants) knows neither what
+    /// it granted nor what failed: every region is dirty, and recovered in the background.
     fn arbiter_ready(&self, a: &mut Arbiter, epoch: u64) {
         if a.ready && a.epoch == epoch {
             return;
         }
-        let meta = self.local_disk().map(|r| r.meta());
-        let (limit, written) = match &meta {
-            Some(m) if m.epoch == epoch => (m.grant_limit, m.generation != 0),
-            Some(m) => (0, m.generation != 0),
-            None => (0, true),
-        };
-        let peers_written = self.links.iter().flatten().any(|l| {
-            let li = l.inner.lock().unwrap();
-            li.theirs.as_ref().is_none_or(|t| t.generation != 0)
-        });
+        let limit = self.local_disk().map(|r| r.meta()).filter(|m| m.epoch == epoch).map_or(0, |m| m.grant_limit);
+        let restarted = limit > 0;
         *a = Arbiter {
             epoch,
             ready: true,
             next: limit,
             limit,
-            clean_start: !written && !peers_written,
+            dirty_start: restarted,
             regions: HashMap::new(),
             next_ticket: a.next_ticket,
+            to_recover: VecDeque::new(),
+            sweep: 0,
+            ended: std::mem::take(&mut a.ended),
         };
-        tracing::info!(volume = %self.spec.name, epoch, clean = a.clean_start, "arbitrating region write priority");
+        let p = self.mw();
+        let per_extent = (super::al::AL_EXTENT >> p.shift).max(1);
+        let last = self.size().saturating_sub(1) >> p.shift;
+        let mut n = 0;
+        if !restarted {
+            let now = Instant::now();
+            for e in self.al.recent(self.ctx.io_timeout * 3 + Duration::from_secs(1)) {
+                let first = (u64::from(e) * super::al::AL_EXTENT) >> p.shift;
+                for r in first..(first + per_extent).min(last + 1) {
+                    a.mark_dirty(r, now);
+                    n += 1;
+                }
+            }
+        }
+        tracing::info!(volume = %self.spec.name, epoch, restarted, dirty_regions = n, "arbitrating region write priority");
+    }
+
+    /// Recovers dirty regions that no writer asks for (a region's replicas must not stay
+    /// different because nobody writes it again), while this node arbitrates.
+    pub(super) async fn run_sweeper(self: Arc<Self>) {
+        let p = self.mw();
+        // A node that restarts learns from its peers whether it still holds write priority
+        // before it acts on it.
+        self.settle(self.ctx.handshake.timeout * 2).await;
+        while !self.stopping.load(Ordering::Acquire) {
+            let changed = p.arbiter_changed.notified();
+            let prio = self.priority();
+            let connected = self.links.iter().flatten().any(|l| l.inner.lock().unwrap().conn.is_some());
+            let job = if prio.holder == self.ctx.name && connected {
+                let mut a = p.arbiter.lock().unwrap();
+                self.arbiter_ready(&mut a, prio.epoch);
+                let last = self.size().saturating_sub(1) >> p.shift;
+                let mut job = None;
+                while let Some(&r) = a.to_recover.front() {
+                    match a.regions.get(&r).map(|reg| (reg.state, reg.queue.is_empty() && !reg.busy)) {
+                        Some((RegionState::Dirty { not_before }, true)) => {
+                            job = Some((r, not_before));
+                            break;
+                        }
+                        // Being dealt with by a requester, or recovered since.
+                        _ => {
+                            a.to_recover.pop_front();
+                        }
+                    }
+                }
+                if job.is_none() && a.dirty_start {
+                    while a.sweep <= last {
+                        let r = a.sweep;
+                        if a.regions.get(&r).is_none_or(|reg| matches!(reg.state, RegionState::Dirty { .. })) {
+                            job = Some((r, Instant::now()));
+                            break;
+                        }
+                        a.sweep += 1;
+                    }
+                    if job.is_none() {
+                        a.dirty_start = false;
+                        tracing::info!(volume = %self.spec.name, "every region recovered after the arbiter's restart");
+                    }
+                }
+                job
+            } else {
+                None
+            };
+            match job {
+                Some((r, not_before)) if Instant::now() >= not_before => {
+                    match self.arbitrate(self.me, 0, prio.epoch, r).await {
+                        Ok(g) => self.arbiter_release(self.me, 0, prio.epoch, r, g, false),
+                        Err(reply) => {
+                            tracing::debug!(volume = %self.spec.name, region = r, ?reply, "sweeper could not recover the region");
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                                _ = self.stop.notified() => return,
+                            }
+                        }
+                    }
+                }
+                Some((_, not_before)) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(not_before.saturating_duration_since(Instant::now())) => {}
+                        _ = changed => {}
+                        _ = self.stop.notified() => return,
+                    }
+                }
+                None => {
+                    tokio::select! {
+                        _ = changed => {}
+                        // Write priority may come to this node without a region changing.
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = self.stop.notified() => return,
+                    }
+                }
+            }
+        }
     }
 
     /// The next grant number; persists a new limit first when it runs out.
@@ -979,9 +1098,25 @@ impl Volume {
             return Some(self.writer_revoke(epoch, r, grant).await);
         }
         let conn = self.link(node).and_then(|l| l.inner.lock().unwrap().conn.clone())?;
-        // The holder drains its writes to the region first, each bounded by a peer I/O
-        // timeout.
-        match conn.call_with_timeout(Request::Revoke { epoch, region: r, grant }, self.ctx.io_timeout * 2).await {
+        // The holder answers once its writes to the region have completed, which may take
+        // as long as one of them waits for another region (up to the retry bound). Whether
+        // the holder is alive meanwhile is what decides: it must answer a ping within a peer
+        // I/O timeout (one that does not closes the connection, and the revoke fails).
+        let t = self.ctx.io_timeout;
+        let answer = conn.call_with_timeout(Request::Revoke { epoch, region: r, grant }, t * (RETRY_TIMEOUTS + 2));
+        let alive = async {
+            loop {
+                tokio::time::sleep(t).await;
+                if let Err(e) = conn.call(Request::Ping).await {
+                    return e;
+                }
+            }
+        };
+        let answer = tokio::select! {
+            a = answer => a,
+            e = alive => Err(e),
+        };
+        match answer {
             Ok(Reply::Released { dirty }) => Some(dirty),
             Ok(other) => {
                 tracing::warn!(volume = %self.spec.name, peer = %self.spec.replicas[node], "unexpected answer to Revoke: {other:?}");
@@ -1012,14 +1147,18 @@ impl Volume {
         let mut n = 0;
         {
             let mut a = p.arbiter.lock().unwrap();
-            for reg in a.regions.values_mut() {
-                if let RegionState::Held { node: h, session: s, .. } = reg.state
-                    && h == node
-                    && session.is_none_or(|x| x == s)
-                {
-                    reg.state = RegionState::Dirty { not_before };
-                    n += 1;
-                }
+            let held: Vec<u64> = a
+                .regions
+                .iter()
+                .filter(|(_, reg)| {
+                    matches!(reg.state, RegionState::Held { node: h, session: s, .. }
+                        if h == node && session.is_none_or(|x| x == s))
+                })
+                .map(|(&r, _)| r)
+                .collect();
+            for r in held {
+                a.mark_dirty(r, not_before);
+                n += 1;
             }
         }
         if n > 0 {
@@ -1030,7 +1169,12 @@ impl Volume {
 
     /// A peer's connection to this node ended: as arbiter, reclaim what it held on it.
     pub fn peer_session_ended(&self, node: usize, session: u64) {
-        if self.mw.is_some() {
+        if let Some(p) = &self.mw {
+            {
+                let mut a = p.arbiter.lock().unwrap();
+                let e = a.ended.entry(node).or_default();
+                *e = (*e).max(session);
+            }
             self.reclaim(node, Some(session));
         }
     }
@@ -1045,7 +1189,11 @@ impl Volume {
             }
             let Some(reg) = a.regions.get_mut(&r) else { return };
             if reg.state == (RegionState::Held { node: from, session, grant }) {
-                reg.state = if dirty { RegionState::Dirty { not_before: Instant::now() } } else { RegionState::Free };
+                if dirty {
+                    a.mark_dirty(r, Instant::now());
+                } else {
+                    reg.state = RegionState::Free;
+                }
             }
         }
         p.arbiter_changed.notify_waiters();
