@@ -8,7 +8,8 @@
 //! with every acknowledged write in it. Also: a live migration (a second node starts
 //! writing while the first goes on, then the first leaves), the kill -9 of the
 //! write-priority holder (the arbiter) under load, with a survivor promoted, and the kill -9
-//! of another writer under load.
+//! of another writer under load, and (as root, in network namespaces; ignored: a known
+//! failure) the link between two writers that are not the arbiter cut while they write.
 //!
 //! `PEERSAN_MW_SEED` replays a run (every test prints its seed); `PEERSAN_KEEP_TEST_DIR`
 //! keeps the agents' logs and replicas. The cluster tests run one at a time (they measure
@@ -23,6 +24,9 @@ mod ledger;
 #[allow(dead_code)] // reads and flushes are used by the campaign only
 #[path = "fault/nbd_client.rs"]
 mod nbd_client;
+#[allow(dead_code)] // the campaign's other faults
+#[path = "fault/netns.rs"]
+mod netns;
 #[path = "fault/writers.rs"]
 mod writers;
 
@@ -75,6 +79,8 @@ struct Run {
     rt: tokio::runtime::Runtime,
     history: Arc<Mutex<History>>,
     c: LocalCluster,
+    /// The agents' network namespaces, when they run in some (removed after the agents).
+    net: Option<netns::Net>,
     dir: Option<tempfile::TempDir>,
     region: u64,
     started: Instant,
@@ -87,13 +93,42 @@ impl Run {
     }
 
     fn with_volume(name: &'static str, seed: u64, n: usize, vol: VolumeDef, peer_io: Duration) -> Run {
+        Self::build(name, seed, n, vol, peer_io, None)
+    }
+
+    /// Like [`Run::new`], every agent in a network namespace of its own (see `netns.rs`).
+    fn in_namespaces(
+        name: &'static str,
+        seed: u64,
+        n: usize,
+        region: Option<u64>,
+        peer_io: Duration,
+        net: netns::Net,
+    ) -> Run {
+        let vol = VolumeDef::new(VOLUME, SIZE, (0..n).collect()).multi_writer(region);
+        Self::build(name, seed, n, vol, peer_io, Some(net))
+    }
+
+    fn build(
+        name: &'static str,
+        seed: u64,
+        n: usize,
+        vol: VolumeDef,
+        peer_io: Duration,
+        net: Option<netns::Net>,
+    ) -> Run {
         let vol_multi = vol.multi_writer.is_some();
         let region = match vol.multi_writer {
             Some(r) => r.unwrap_or(peersan_node_agent::config::DEFAULT_REGION_SIZE),
             None => MIB,
         };
         let dir = test_dir();
-        let c = start_cluster(dir.path(), n, vec![vol], |c| c.peer_io_timeout = peer_io);
+        let c = start_cluster(dir.path(), n, vec![vol], |c| {
+            c.peer_io_timeout = peer_io;
+            if let Some(net) = &net {
+                net.apply(c);
+            }
+        });
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let mut history = History::new(SIZE);
         // The engine applies a write whole within each piece of 64 regions (it cuts larger
@@ -108,6 +143,7 @@ impl Run {
             rt,
             history: Arc::new(Mutex::new(history)),
             c,
+            net,
             dir: Some(dir),
             region,
             started: Instant::now(),
@@ -608,4 +644,51 @@ fn one_writer_on_a_single_writer_volume_and_the_checker_finds_damage() {
         &[View { label: "node-1".into(), data: replica }, View { label: "node-2".into(), data: other }],
     );
     assert!(rep.divergent.contains(&b), "replicas that differ were not found: {rep}");
+}
+
+/// The link between two writers that are not the arbiter is cut while every node writes:
+/// each records that the other missed its writes (the arbiter's replica receives them all),
+/// writes go on without an error, and when the link is back the two pull what they marked
+/// from the arbiter instead of reporting a split brain.
+#[test]
+#[ignore = "known failure: after the link between two writers that are not the arbiter is cut and healed, \
+            their replicas can end divergent (about one run in four); see POLICING.md §9, Known limits"]
+fn link_between_two_writers_cut_under_load() {
+    // `ip` (iproute2) knows `-V` only.
+    let ip = std::process::Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success());
+    if !is_root() || !ip {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root with iproute2");
+        eprintln!("SKIPPED: link_between_two_writers_cut_under_load needs root and iproute2 (network namespaces)");
+        return;
+    }
+    let _serial = serial();
+    let name = "link_between_two_writers_cut_under_load";
+    let seed = seed(name);
+    let net = netns::Net::new(3).unwrap_or_else(|e| panic!("network namespaces: {e}"));
+    let mut r = Run::in_namespaces(name, seed, 3, Some(128 << 10), Duration::from_secs(1), net);
+    let v = r.c.volume(0, VOLUME).unwrap_or_else(|e| r.fail(&e));
+    let holder = r.c.members.iter().position(|m| m.name == v.writer).unwrap_or_else(|| r.fail("no holder"));
+    let (a, b) = ((holder + 1) % 3, (holder + 2) % 3);
+    let nodes = [0, 1, 2];
+    for i in nodes {
+        r.start_writer(i, shared_and_private(i));
+    }
+    r.until_acked(&nodes, Duration::ZERO, 800, Duration::from_secs(2), true);
+    r.net.as_ref().unwrap().link_down(a, b);
+    let cut = r.now();
+    r.log(format!("link between node-{} and node-{} down", a + 1, b + 1));
+    // Past the peer I/O timeout: both have dropped the other and recorded what it missed.
+    r.until_acked(&nodes, cut, 800, Duration::from_secs(3), false);
+    r.net.as_ref().unwrap().link_up(a, b);
+    r.log("link up".into());
+    r.wait_all_healthy("after the link came back");
+    let back = r.now();
+    r.until_acked(&nodes, back, 300, Duration::from_secs(1), false);
+    for i in nodes {
+        r.stop_writer(i);
+    }
+    r.log(r.summary());
+    r.assert_no_failures(&nodes);
+    r.assert_contended(500);
+    r.check();
 }

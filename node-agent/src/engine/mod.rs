@@ -695,7 +695,10 @@ impl Volume {
                             li.state = ReplicaState::Outdated;
                         }
                         drop(li);
-                        if Some(i) != sender {
+                        // Multi-writer volumes: the peer learns it from the state announced
+                        // below instead; its connection to this node carries its region grants
+                        // (when this node arbitrates), and closing it would cut a live writer off.
+                        if Some(i) != sender && self.mw.is_none() {
                             link.missed_writes.send_modify(|n| *n += 1);
                         }
                     }
@@ -970,9 +973,9 @@ impl Volume {
             // receives every write look empty; a replica that really missed writes is known
             // from the records of the replicas that executed them.
             let written = |s: &ReplicaStateMsg| ReplicaStateMsg { generation: s.generation.max(1), ..s.clone() };
-            state::decide(&self.ctx.name, &written(&mine), &link.name, &written(&theirs), &holder)
+            state::decide(&self.ctx.name, &written(&mine), &link.name, &written(&theirs), &holder, self.mw.is_some())
         } else {
-            state::decide(&self.ctx.name, &mine, &link.name, &theirs, &holder)
+            state::decide(&self.ctx.name, &mine, &link.name, &theirs, &holder, self.mw.is_some())
         };
         {
             let mut li = link.inner.lock().unwrap();

@@ -443,6 +443,10 @@ impl Drop for TicketGuard<'_> {
     }
 }
 
+fn busy(r: u64, within: Duration) -> Reply {
+    Reply::Error { code: ErrorCode::Busy, message: format!("region {r} was not free within {within:?}") }
+}
+
 fn stale(message: String) -> Reply {
     Reply::Error { code: ErrorCode::StaleGrant, message }
 }
@@ -903,7 +907,15 @@ impl Volume {
                 Step::Granted(g) => return Ok(g),
                 Step::Revoke { node, session: s, grant } => {
                     let mut guard = BusyGuard { v: self, region: r, revoking: true, done: false };
-                    let outcome = self.revoke(epoch, r, node, grant).await;
+                    // Answered by the deadline whatever happens: a requester that waited too
+                    // long gives its connection up. A revoke cut short leaves the region dirty
+                    // (the guard): it is recovered, and the holder's writes still under the
+                    // old grant are refused from then on.
+                    let Ok(outcome) =
+                        tokio::time::timeout_at(deadline.into(), self.revoke(epoch, r, node, grant)).await
+                    else {
+                        return Err(busy(r, self.ctx.io_timeout * 3));
+                    };
                     {
                         let mut a = p.arbiter.lock().unwrap();
                         if a.region(r).state == (RegionState::Held { node, session: s, grant }) {
@@ -921,7 +933,10 @@ impl Volume {
                 }
                 Step::Recover { grant } => {
                     let mut guard = BusyGuard { v: self, region: r, revoking: false, done: false };
-                    let res = self.recover_region(epoch, r, grant).await;
+                    let Ok(res) = tokio::time::timeout_at(deadline.into(), self.recover_region(epoch, r, grant)).await
+                    else {
+                        return Err(busy(r, self.ctx.io_timeout * 3));
+                    };
                     {
                         let mut a = p.arbiter.lock().unwrap();
                         match &res {
@@ -938,10 +953,7 @@ impl Volume {
                 Step::Wait(until) => {
                     let now = Instant::now();
                     if now >= deadline {
-                        return Err(Reply::Error {
-                            code: ErrorCode::Busy,
-                            message: format!("region {r} was not free within {:?}", self.ctx.io_timeout * 3),
-                        });
+                        return Err(busy(r, self.ctx.io_timeout * 3));
                     }
                     let wake = until.map_or(deadline, |u| u.min(deadline));
                     let _ = tokio::time::timeout(wake.saturating_duration_since(now), changed).await;

@@ -72,17 +72,31 @@ pub struct Decision {
 ///   activity log after a crash, a write refused by fencing) mean the two may differ in those
 ///   regions only where neither acknowledged a write; the holder of write priority (`holder`,
 ///   the same on both sides once epochs are exchanged) is the source, otherwise the replica
-///   whose name sorts first.
+///   whose name sorts first;
+/// - in a multi-writer volume (`multi_writer`), two writers that are not the holder may each
+///   name the other under one epoch (each missed some of the other's writes): neither is
+///   current, but the holder's replica received every write of the epoch, so both drop their
+///   records and pull what they marked from the holder.
 pub fn decide(
     me_name: &str,
     mine: &ReplicaStateMsg,
     peer_name: &str,
     theirs: &ReplicaStateMsg,
     holder: &str,
+    multi_writer: bool,
 ) -> Decision {
     let i_flag_them = mine.outdated_peers.iter().any(|p| p == peer_name);
     let they_flag_me = theirs.outdated_peers.iter().any(|p| p == me_name);
     if i_flag_them && they_flag_me && mine.consistent && theirs.consistent {
+        if multi_writer
+            && mine.flag_epoch == theirs.flag_epoch
+            && holder != me_name
+            && holder != peer_name
+            && mine.local_ok
+            && theirs.local_ok
+        {
+            return Decision { peer: ReplicaState::Outdated, local_outdated: true, stale_record: true };
+        }
         // Recorded under one epoch, the writes each missed came from one writer: the replica
         // that recorded later (higher generation) has them all; the other's record is stale.
         let one_writer = mine.flag_epoch == theirs.flag_epoch && mine.generation != theirs.generation;
@@ -127,6 +141,27 @@ pub fn decide(
 mod tests {
     use super::*;
 
+    fn decide_sw(me: &str, mine: &ReplicaStateMsg, peer: &str, theirs: &ReplicaStateMsg, holder: &str) -> Decision {
+        decide(me, mine, peer, theirs, holder, false)
+    }
+
+    #[test]
+    fn multi_writer_peers_that_missed_each_others_writes_both_pull_from_the_holder() {
+        let d = decide("b", &st(true, 5, &["c"]), "c", &st(true, 4, &["b"]), "a", true);
+        assert_eq!(d, Decision { peer: ReplicaState::Outdated, local_outdated: true, stale_record: true });
+        let d = decide("c", &st(true, 4, &["b"]), "b", &st(true, 5, &["c"]), "a", true);
+        assert_eq!(d, Decision { peer: ReplicaState::Outdated, local_outdated: true, stale_record: true });
+        // Single-writer volumes: the later record wins.
+        let d = decide("c", &st(true, 4, &["b"]), "b", &st(true, 5, &["c"]), "a", false);
+        assert_eq!(d, Decision { peer: ReplicaState::InSync, local_outdated: true, stale_record: true });
+        // The holder is one of them, or the records are of different epochs: as before.
+        let d = decide("a", &st(true, 4, &["b"]), "b", &st(true, 5, &["a"]), "a", true);
+        assert_eq!(d, Decision { peer: ReplicaState::InSync, local_outdated: true, stale_record: true });
+        let mut older = st(true, 5, &["c"]);
+        older.flag_epoch = 0;
+        assert_eq!(decide("c", &st(true, 4, &["b"]), "b", &older, "a", true).peer, ReplicaState::SplitBrain);
+    }
+
     fn st(consistent: bool, generation: u64, outdated: &[&str]) -> ReplicaStateMsg {
         ReplicaStateMsg {
             consistent,
@@ -149,46 +184,46 @@ mod tests {
     #[test]
     fn rules() {
         // Both clean: in sync.
-        let d = decide("a", &st(true, 1, &[]), "b", &st(true, 1, &[]), "a");
+        let d = decide_sw("a", &st(true, 1, &[]), "b", &st(true, 1, &[]), "a");
         assert_eq!(d, Decision { peer: ReplicaState::InSync, local_outdated: false, stale_record: false });
         // b missed writes of a.
-        let d = decide("a", &st(true, 2, &["b"]), "b", &st(true, 1, &[]), "a");
+        let d = decide_sw("a", &st(true, 2, &["b"]), "b", &st(true, 1, &[]), "a");
         assert_eq!(d, Decision { peer: ReplicaState::Outdated, local_outdated: false, stale_record: false });
-        let d = decide("b", &st(true, 1, &[]), "a", &st(true, 2, &["b"]), "a");
+        let d = decide_sw("b", &st(true, 1, &[]), "a", &st(true, 2, &["b"]), "a");
         assert_eq!(d, Decision { peer: ReplicaState::InSync, local_outdated: true, stale_record: false });
         // Split brain: each recorded the other under different epochs (two writers) ...
         let mut other_epoch = st(true, 3, &["a"]);
         other_epoch.flag_epoch = 2;
-        let d = decide("a", &st(true, 2, &["b"]), "b", &other_epoch, "b");
+        let d = decide_sw("a", &st(true, 2, &["b"]), "b", &other_epoch, "b");
         assert_eq!(d.peer, ReplicaState::SplitBrain);
         // ... or under one epoch with nothing to order them.
-        let d = decide("a", &st(true, 2, &["b"]), "b", &st(true, 2, &["a"]), "a");
+        let d = decide_sw("a", &st(true, 2, &["b"]), "b", &st(true, 2, &["a"]), "a");
         assert_eq!(d.peer, ReplicaState::SplitBrain);
         // One writer, A down then B down: the later record (higher generation) wins.
-        let d = decide("b", &st(true, 4, &["c"]), "c", &st(true, 2, &["b"]), "a");
+        let d = decide_sw("b", &st(true, 4, &["c"]), "c", &st(true, 2, &["b"]), "a");
         assert_eq!(d, Decision { peer: ReplicaState::Outdated, local_outdated: false, stale_record: false });
-        let d = decide("c", &st(true, 2, &["b"]), "b", &st(true, 4, &["c"]), "a");
+        let d = decide_sw("c", &st(true, 2, &["b"]), "b", &st(true, 4, &["c"]), "a");
         assert_eq!(d, Decision { peer: ReplicaState::InSync, local_outdated: true, stale_record: true });
         // New empty replica faces a written one.
-        let d = decide("c", &st(true, 0, &[]), "a", &st(true, 3, &[]), "a");
+        let d = decide_sw("c", &st(true, 0, &[]), "a", &st(true, 3, &[]), "a");
         assert!(d.local_outdated);
-        let d = decide("a", &st(true, 3, &[]), "c", &st(true, 0, &[]), "a");
+        let d = decide_sw("a", &st(true, 3, &[]), "c", &st(true, 0, &[]), "a");
         assert_eq!(d.peer, ReplicaState::Outdated);
         // Inconsistent peer is catching up; an inconsistent peer is never a source.
-        let d = decide("a", &st(false, 3, &[]), "b", &st(false, 3, &[]), "a");
+        let d = decide_sw("a", &st(false, 3, &[]), "b", &st(false, 3, &[]), "a");
         assert_eq!(d, Decision { peer: ReplicaState::CatchingUp, local_outdated: false, stale_record: false });
         // Weak differences: the holder is the source, whichever side recorded them.
-        let d = decide("b", &dirty(st(true, 2, &[]), &["a"]), "a", &st(true, 2, &[]), "a");
+        let d = decide_sw("b", &dirty(st(true, 2, &[]), &["a"]), "a", &st(true, 2, &[]), "a");
         assert_eq!(d, Decision { peer: ReplicaState::InSync, local_outdated: true, stale_record: false });
-        let d = decide("a", &st(true, 2, &[]), "b", &dirty(st(true, 2, &[]), &["a"]), "a");
+        let d = decide_sw("a", &st(true, 2, &[]), "b", &dirty(st(true, 2, &[]), &["a"]), "a");
         assert_eq!(d, Decision { peer: ReplicaState::Outdated, local_outdated: false, stale_record: false });
         // Without a holder among the two, the first name is the source.
-        let d = decide("c", &dirty(st(true, 2, &[]), &["b"]), "b", &st(true, 2, &[]), "a");
+        let d = decide_sw("c", &dirty(st(true, 2, &[]), &["b"]), "b", &st(true, 2, &[]), "a");
         assert!(d.local_outdated);
-        let d = decide("b", &st(true, 2, &[]), "c", &dirty(st(true, 2, &[]), &["b"]), "a");
+        let d = decide_sw("b", &st(true, 2, &[]), "c", &dirty(st(true, 2, &[]), &["b"]), "a");
         assert_eq!(d, Decision { peer: ReplicaState::Outdated, local_outdated: false, stale_record: false });
         // A strong record beats a weak one: b missed a's acknowledged writes.
-        let d = decide("b", &dirty(st(true, 2, &[]), &["a"]), "a", &st(true, 3, &["b"]), "b");
+        let d = decide_sw("b", &dirty(st(true, 2, &[]), &["a"]), "a", &st(true, 3, &["b"]), "b");
         assert!(d.local_outdated);
     }
 }

@@ -159,13 +159,14 @@ async fn serve_conn<L: VolumeLookup>(
             },
         }
     };
+    // Region grants given on this connection end with it (and none is given while what was
+    // started is finished).
+    volume.peer_session_ended(idx, session_id);
     // Finish what was started, so that nothing half-done is left behind by this peer.
     while let Some((id, reply)) = inflight.next().await {
         send(&writer, id, &reply);
     }
     writer.close();
-    // Region grants given on this connection end with it.
-    volume.peer_session_ended(idx, session_id);
     result
 }
 
