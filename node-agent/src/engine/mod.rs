@@ -939,6 +939,14 @@ impl Volume {
         // last look at our bitmap: tell it (it resyncs again).
         let mut tell_again = false;
         if theirs.consistent && theirs.local_ok {
+            // Multi-writer volumes: a replica resynchronises from the arbiter only, whose
+            // replica executed every write and marked what the peer missed of it (a writer
+            // whose write failed on the peer sends it again without the peer, for that). So a
+            // peer that announces it caught up has what this node marked for it, and only the
+            // arbiter keeps watching what it misses afterwards.
+            if self.mw.is_some() && announced && was_inconsistent && self.priority().holder != self.ctx.name {
+                self.bitmaps.lock().unwrap()[idx].clear_all();
+            }
             let is_clean = || self.bitmaps.lock().unwrap()[idx].is_empty();
             let clean = match self.local_disk() {
                 Some(replica) => {

@@ -191,6 +191,9 @@ pub(super) enum Attempt {
     /// Try again (grants were refused or lost, the epoch changed, the arbiter is not
     /// reachable right now), until the deadline; the text says why for the final error.
     Retry(String),
+    /// Try again, the grants still good (the write's regions are the same on every replica
+    /// that receives writes).
+    RetryClean(String),
     Fail(BlockError),
 }
 
@@ -494,7 +497,7 @@ impl Volume {
             match self.attempt_multi(&op).await {
                 Ok(()) => return Ok(()),
                 Err(Attempt::Fail(e)) => return Err(e),
-                Err(Attempt::Retry(why)) => {
+                Err(Attempt::Retry(why) | Attempt::RetryClean(why)) => {
                     tries += 1;
                     if tokio::time::Instant::now() >= deadline {
                         return Err(io_error(format!(
@@ -524,7 +527,7 @@ impl Volume {
         let grants = self.acquire(epoch, arbiter, p.regions(offset, len)).await?;
         let tags = Tags { shift: p.shift, list: grants.clone() };
         let result = self.write_tagged(op, epoch, arbiter, tags).await;
-        let failed = result.is_err();
+        let failed = result.as_ref().is_err_and(|e| !matches!(e, Attempt::RetryClean(_)));
         self.release(epoch, &grants, failed);
         result
     }
@@ -607,6 +610,16 @@ impl Volume {
         }
         if out.failed != 0 && self.ctx.refuse_degraded.load(Ordering::Relaxed) {
             return Err(Attempt::Fail(self.degraded_refusal(out.failed, "failed to execute it")));
+        }
+        if out.failed != 0 && arbiter != self.me {
+            // Sent again without the replicas that failed it (they are dropped now), so that
+            // the arbiter's replica, executing it, records what they missed: the arbiter is
+            // where they resynchronise from. The regions are not dirty: every replica that
+            // receives writes executed it.
+            return Err(Attempt::RetryClean(format!(
+                "replica(s) {:#b} failed to execute it; sending it again without them",
+                out.failed
+            )));
         }
         if out.done_in_sync {
             Ok(())

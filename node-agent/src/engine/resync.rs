@@ -46,7 +46,8 @@ impl Volume {
     /// blocks this replica lacks comes first (its record is cleared by what it serves;
     /// another source would leave it, and the replica would be told again it is out of
     /// date), then the holder of write priority. While such a peer has another size, none:
-    /// the replica waits until both are grown.
+    /// the replica waits until both are grown. Multi-writer volumes copy from the holder of
+    /// write priority (the arbiter) only.
     fn pick_source(&self) -> Option<(usize, Arc<PeerConn>)> {
         let holder = self.priority().holder;
         let me = &self.ctx.name;
@@ -65,6 +66,11 @@ impl Volume {
                 if records_me {
                     return None;
                 }
+                continue;
+            }
+            // Multi-writer volumes: the arbiter only (its replica has every write; another
+            // writer's may lack the writes it missed).
+            if self.mw.is_some() && l.name != holder {
                 continue;
             }
             let rank = u8::from(records_me) * 2 + u8::from(l.name == holder);
