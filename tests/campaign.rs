@@ -26,10 +26,8 @@ use std::time::{Duration, Instant};
 use common::disk::FailingDisk;
 use common::*;
 use fault::check::{self, Findings, View};
-use fault::nbd_client::NbdClient;
 use fault::netns::Net;
 use fault::workload::{self, Workload};
-use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -145,28 +143,8 @@ fn log_tail(path: &Path, lines: usize) -> String {
 
 /// Reads the whole volume through the NBD socket `socket`.
 fn read_through_nbd(socket: &Path) -> Result<Vec<u8>, String> {
-    const CHUNK: u64 = MIB;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    rt.block_on(async {
-        let c = tokio::time::timeout(Duration::from_secs(5), NbdClient::connect(socket, VOLUME))
-            .await
-            .map_err(|_| "NBD handshake timed out".to_string())?
-            .map_err(|e| format!("NBD connect: {e}"))?;
-        if c.size != SIZE {
-            return Err(format!("export size {} instead of {SIZE}", c.size));
-        }
-        let chunks: Vec<Result<Vec<u8>, _>> = tokio::time::timeout(
-            Duration::from_secs(60),
-            futures::stream::iter(0..SIZE / CHUNK).map(|k| c.read(k * CHUNK, CHUNK as u32)).buffered(8).collect(),
-        )
-        .await
-        .map_err(|_| "reading the volume took more than 60 s".to_string())?;
-        let mut out = Vec::with_capacity(SIZE as usize);
-        for (k, r) in chunks.into_iter().enumerate() {
-            out.extend_from_slice(&r.map_err(|e| format!("read at {}: {e}", k as u64 * CHUNK))?);
-        }
-        Ok(out)
-    })
+    rt.block_on(fault::nbd_client::read_export(socket, VOLUME, SIZE))
 }
 
 struct Campaign {

@@ -192,6 +192,34 @@ impl NbdClient {
     }
 }
 
+/// Reads the whole export `export` (`size` bytes) through the NBD socket `socket`, 1 MiB at a
+/// time with eight reads in flight.
+pub async fn read_export(socket: &Path, export: &str, size: u64) -> Result<Vec<u8>, String> {
+    use futures::StreamExt;
+    const CHUNK: u64 = 1 << 20;
+    let c = tokio::time::timeout(std::time::Duration::from_secs(10), NbdClient::connect(socket, export))
+        .await
+        .map_err(|_| "NBD handshake timed out".to_string())?
+        .map_err(|e| format!("NBD connect: {e}"))?;
+    if c.size != size {
+        return Err(format!("export size {} instead of {size}", c.size));
+    }
+    let chunks: Vec<Result<Vec<u8>, _>> = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        futures::stream::iter(0..size.div_ceil(CHUNK))
+            .map(|k| c.read(k * CHUNK, CHUNK.min(size - k * CHUNK) as u32))
+            .buffered(8)
+            .collect(),
+    )
+    .await
+    .map_err(|_| "reading the volume took more than 60 s".to_string())?;
+    let mut out = Vec::with_capacity(size as usize);
+    for (k, r) in chunks.into_iter().enumerate() {
+        out.extend_from_slice(&r.map_err(|e| format!("read at {}: {e}", k as u64 * CHUNK))?);
+    }
+    Ok(out)
+}
+
 impl Drop for NbdClient {
     fn drop(&mut self) {
         self.reader.abort();

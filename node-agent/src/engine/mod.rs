@@ -1297,6 +1297,25 @@ impl Volume {
         Ok(())
     }
 
+    /// The `sent` and `insync` masks of a write to `local` and `targets`.
+    fn masks(&self, local: &Option<(Arc<Replica>, ReplicaState)>, targets: &[Target]) -> (u32, u32) {
+        let mut sent = 0u32;
+        let mut insync = 0u32;
+        if let Some((_, s)) = local {
+            sent |= 1 << self.me;
+            if *s == ReplicaState::InSync {
+                insync |= 1 << self.me;
+            }
+        }
+        for t in targets {
+            sent |= 1 << t.idx;
+            if t.in_sync {
+                insync |= 1 << t.idx;
+            }
+        }
+        (sent, insync)
+    }
+
     /// The local replica (when it receives writes) and the peers that receive writes now.
     fn write_targets(&self) -> (Option<(Arc<Replica>, ReplicaState)>, Vec<Target>) {
         let local = self.local_replica().filter(|(_, s)| s.receives_writes());
@@ -1426,20 +1445,7 @@ impl Volume {
         // A peer that has not grown as far as this write reaches misses it, and is recorded
         // as having missed it (below), like a disconnected one.
         targets.retain(|t| t.size >= offset + len);
-        let mut sent = 0u32;
-        let mut insync = 0u32;
-        if let Some((_, s)) = &local {
-            sent |= 1 << self.me;
-            if *s == ReplicaState::InSync {
-                insync |= 1 << self.me;
-            }
-        }
-        for t in &targets {
-            sent |= 1 << t.idx;
-            if t.in_sync {
-                insync |= 1 << t.idx;
-            }
-        }
+        let (sent, insync) = self.masks(&local, &targets);
         let missed = !sent & self.all_peers;
         if missed != 0 && self.ctx.refuse_degraded.load(Ordering::Relaxed) {
             return Err(self.degraded_refusal(missed, "do not receive writes"));

@@ -551,20 +551,7 @@ impl Volume {
                 self.spec.replicas[arbiter]
             )));
         }
-        let mut sent = 0u32;
-        let mut insync = 0u32;
-        if let Some((_, s)) = &local {
-            sent |= 1 << self.me;
-            if *s == super::ReplicaState::InSync {
-                insync |= 1 << self.me;
-            }
-        }
-        for t in &targets {
-            sent |= 1 << t.idx;
-            if t.in_sync {
-                insync |= 1 << t.idx;
-            }
-        }
+        let (sent, insync) = self.masks(&local, &targets);
         let missed = !sent & self.all_peers;
         if missed != 0 && self.ctx.refuse_degraded.load(Ordering::Relaxed) {
             return Err(Attempt::Fail(self.degraded_refusal(missed, "do not receive writes")));
