@@ -8,8 +8,8 @@
 //! with every acknowledged write in it. Also: a live migration (a second node starts
 //! writing while the first goes on, then the first leaves), the kill -9 of the
 //! write-priority holder (the arbiter) under load, with a survivor promoted, and the kill -9
-//! of another writer under load, and (as root, in network namespaces; ignored: a known
-//! failure) the link between two writers that are not the arbiter cut while they write.
+//! of another writer under load, and (as root, in network namespaces) the link between two
+//! writers that are not the arbiter cut while they write.
 //!
 //! `PEERSAN_MW_SEED` replays a run (every test prints its seed); `PEERSAN_KEEP_TEST_DIR`
 //! keeps the agents' logs and replicas. The cluster tests run one at a time (they measure
@@ -629,9 +629,6 @@ fn one_writer_on_a_single_writer_volume_and_the_checker_finds_damage() {
 /// writes go on without an error, and when the link is back the two pull what they marked
 /// from the arbiter instead of reporting a split brain.
 #[test]
-#[ignore = "known failure: after the link between two writers that are not the arbiter is cut and healed, \
-            one of them can lack writes the other made during the cut (about one run in ten); see POLICING.md, \
-            Known limits"]
 fn link_between_two_writers_cut_under_load() {
     // `ip` (iproute2) knows `-V` only.
     let ip = std::process::Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success());

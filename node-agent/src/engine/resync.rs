@@ -41,6 +41,29 @@ impl Volume {
         }
     }
 
+    /// Multi-writer volumes: ends the connections of peers this node has lost its own link
+    /// to, and waits until what they were executing is done. A writer gives up a write to a
+    /// replica that does not answer in time and goes on (it resends it without the replica);
+    /// the replica may still be executing it, received before the link failed. Here the
+    /// replica copies from the arbiter, not from that writer, while the writer's connection
+    /// may still be open: such a write landing after the copy would overwrite newer data.
+    /// (In single-writer volumes the copy comes after a new connection from the writer,
+    /// which ends the old one the same way.) The arbiter keeps its writers' connections: they
+    /// carry their grants.
+    async fn end_stale_sessions(&self) {
+        if self.mw.is_none() || self.priority().holder == self.ctx.name {
+            return;
+        }
+        for link in self.links.iter().flatten() {
+            if link.inner.lock().unwrap().conn.is_some() {
+                continue;
+            }
+            link.session.send_modify(|s| *s += 1);
+            // Held by a connection of the peer while it serves; free once it finished.
+            drop(link.serving.clone().lock_owned().await);
+        }
+    }
+
     /// An in-sync peer of this replica's size to copy from (a peer of another size may
     /// lack blocks this one needs, or hold blocks past this one's end). A peer that recorded
     /// blocks this replica lacks comes first (its record is cleared by what it serves;
@@ -146,6 +169,7 @@ impl Volume {
         }
         *self.resync_source.lock().unwrap() = Some(conn.clone());
         self.broadcast_state();
+        self.end_stale_sessions().await;
         self.merge_source_bitmap(idx, conn).await?;
         {
             // What this node recorded against the source (crash, refused writes) is lacking too.
@@ -167,6 +191,7 @@ impl Volume {
 
         let mut rounds = 0;
         loop {
+            self.end_stale_sessions().await;
             self.copy_lacking(&replica, conn).await?;
             self.merge_source_bitmap(idx, conn).await?;
             let left = self.bitmaps.lock().unwrap()[self.me].count() * BLOCK_SIZE;
