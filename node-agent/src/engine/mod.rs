@@ -1814,8 +1814,14 @@ impl Volume {
         };
         let missed = !sent & self.all_peers;
         self.flag_outdated(missed, Some(from), Some((offset, len)));
+        self.execute_for_peer(&op, missed).await
+    }
+
+    /// Executes a peer's write-like operation on the local replica (the replicas in `missed`
+    /// get its blocks marked); the reply to send.
+    async fn execute_for_peer(&self, op: &Op, missed: u32) -> Reply {
         match self.local_replica() {
-            Some((r, s)) if s.receives_writes() => match self.apply_local(&r, &op, missed).await {
+            Some((r, s)) if s.receives_writes() => match self.apply_local(&r, op, missed).await {
                 Ok(()) => Reply::Ok,
                 Err(e) => {
                     self.local_failed(&e);

@@ -1339,22 +1339,7 @@ impl Volume {
             }
             Err(m) => return stale(m),
         }
-        match self.local_replica() {
-            Some((replica, s)) if s.receives_writes() => {
-                let op = Op::Write { offset, data, fua: false };
-                match self.apply_local(&replica, &op, 0).await {
-                    Ok(()) => Reply::Ok,
-                    Err(e) => {
-                        self.local_failed(&e);
-                        Reply::Error { code: ErrorCode::Io, message: e.to_string() }
-                    }
-                }
-            }
-            _ => Reply::Error {
-                code: ErrorCode::Io,
-                message: format!("the replica of {} on {} has failed", self.spec.name, self.ctx.name),
-            },
-        }
+        self.execute_for_peer(&Op::Write { offset, data, fua: false }, 0).await
     }
 
     /// A peer's write of a multi-writer volume: its grants are checked and adopted, and the
