@@ -144,13 +144,7 @@ fn fio(target: &Target, w: Workload, size: u64, runtime: u64) -> anyhow::Result<
             cmd.arg("--ioengine=nbd").arg(format!("--uri={uri}"));
         }
     }
-    let out = cmd.output().context("running fio (Debian: apt-get install fio)")?;
-    if !out.status.success() {
-        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let start = text.find('{').context("fio printed no JSON")?;
-    let v: serde_json::Value = serde_json::from_str(&text[start..]).context("parsing fio JSON")?;
+    let v = run_fio_json(&mut cmd)?;
     let dir = if w.rw.contains("read") { "read" } else { "write" };
     let j = &v["jobs"][0][dir];
     let pct = |p: &str| j["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
@@ -161,6 +155,17 @@ fn fio(target: &Target, w: Workload, size: u64, runtime: u64) -> anyhow::Result<
         pct("99.000000"),
         j["total_ios"].as_u64().unwrap_or(0),
     ))
+}
+
+/// Runs fio (given `--output-format=json`) and returns its report.
+fn run_fio_json(cmd: &mut Command) -> anyhow::Result<serde_json::Value> {
+    let out = cmd.output().context("running fio (Debian: apt-get install fio)")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text.find('{').context("fio printed no JSON")?;
+    serde_json::from_str(&text[start..]).context("parsing fio JSON")
 }
 
 fn prefill(target: &Target, size: u64) -> anyhow::Result<()> {

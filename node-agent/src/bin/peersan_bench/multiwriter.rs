@@ -25,7 +25,7 @@ use anyhow::{Context, bail};
 use peersan_node_agent::localcluster::{LocalCluster, VolumeDef};
 use serde::Serialize;
 
-use super::{cpu_us, median};
+use super::{cpu_us, median, run_fio_json};
 
 const SINGLE: &str = "bench-sw";
 const MULTI: &str = "bench-mw";
@@ -87,13 +87,7 @@ fn fio_together(jobs: &[Job], runtime: u64) -> anyhow::Result<Run> {
         cmd.arg(format!("--name=job{k}"));
         cmd.arg(format!("--uri={}", j.uri)).arg(format!("--offset={}", j.offset)).arg(format!("--size={}", j.size));
     }
-    let out = cmd.output().context("running fio (Debian: apt-get install fio)")?;
-    if !out.status.success() {
-        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let start = text.find('{').context("fio printed no JSON")?;
-    let v: serde_json::Value = serde_json::from_str(&text[start..]).context("parsing fio JSON")?;
+    let v = run_fio_json(&mut cmd)?;
     let mut iops_per_job = Vec::new();
     let mut ios = 0;
     // Completion latency histogram of every job together: nanoseconds -> count.
